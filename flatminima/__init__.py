@@ -1,0 +1,24 @@
+"""flatminima: train neural networks toward flat minima and measure how flat a minimum is."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from flatminima import noise
+
+__version__ = "0.1.0"
+
+# Submodules loaded on first access, so `import flatminima` stays light and a missing optional
+# piece never breaks the rest.
+_LAZY_MODULES = ("hessian", "divergence", "landscape", "volume", "data", "models", "experiment",
+                 "methods", "plots")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return import_module(f"flatminima.{name}")
+    raise AttributeError(f"module 'flatminima' has no attribute {name!r}")
+
+
+__all__ = ["noise", "__version__"]

@@ -1,0 +1,268 @@
+"""Perturbation samplers: a distribution times a scale rule.
+
+Every random-perturbation method (RPR, NRS, NSO, SmoothOut, AdaSmoothOut, RWP) and the model
+divergence measurement draw their weight perturbation ``u`` from here. A sampler is any callable
+
+    noise(params: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]
+
+returning one tensor per named parameter, of the same shape, dtype and device. Users inject their own.
+
+The built-in samplers compose two choices (optax style: small pieces that compose):
+
+* **distribution** of the unit draw ``xi_G`` for each group ``G`` of entries:
+
+  - ``"gaussian"``: ``xi ~ N(0, I)`` entrywise (its norm grows like ``sqrt(|G|)``);
+  - ``"uniform"``: ``xi ~ U(-1, 1)`` entrywise;
+  - ``"sphere"``: ``xi`` uniform on the unit sphere of the group, ``||xi_G|| = 1``;
+  - ``"ball"``: ``xi`` uniform in the unit ball of the group, ``||xi_G|| <= 1``.
+
+* **scale** rule, which decides the groups and their magnitude ``m_G``:
+
+  - ``"global"``: one group, all parameters together;
+  - ``"layer"``: each parameter tensor is a group;
+  - ``"filter"``: each slice along dim 0 (an output unit / conv filter) is a group; for a 1-D tensor
+    (a bias, a norm scale) each entry is its own filter;
+  - ``"element"``: each entry is a group.
+
+  With ``relative=True`` the magnitude is ``m_G = radius * ||w_G||`` (so the perturbation follows the
+  weights' own scale, which is what makes it invariant to the rescalings BatchNorm allows; Li et al.
+  2018's filter normalization, Kwon et al. 2021's ASAM); with ``relative=False`` it is ``m_G = radius``.
+
+The perturbation is ``u_G = m_G * xi_G``. So ``sample(params, 0.05, distribution="ball",
+scale="global", relative=False)`` is uniform in the Euclidean ball ``B(0, 0.05)`` of the NRS paper
+(Zhao & Zhang 2022, Eq. 3), and the library's NRS/RPR default ``("ball", "filter", relative=True)``
+keeps each filter's perturbation inside a ball of radius ``rho * ||w_filter||``: the paper samples
+``u`` in ``B(0, rho)`` and then "normalizes u using w" (Algorithm 1, step 8).
+
+Example::
+
+    noise = fm.noise.Sampler(0.05, distribution="gaussian", scale="layer")
+    u = noise(dict(model.named_parameters()), torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+DISTRIBUTIONS = ("gaussian", "uniform", "sphere", "ball")
+SCALES = ("global", "layer", "filter", "element")
+
+NoiseFn = Callable[[dict[str, Tensor], "torch.Generator | None"], dict[str, Tensor]]
+ParamSelector = Union[Iterable[str], Callable[[str, Tensor], bool], str, None]
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_radius(value: float, name: str = "radius") -> float:
+    """Validate a non-negative finite perturbation size and return it as a float."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _draw(shape: torch.Size, like: Tensor, generator: torch.Generator | None, kind: str) -> Tensor:
+    # Draw on the generator's device (CPU generators are the common case) then move: a CPU
+    # generator cannot drive a CUDA kernel, and results stay identical across devices.
+    device = generator.device if generator is not None else like.device
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    if kind == "normal":
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        z = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return z.to(device=like.device, dtype=like.dtype)
+
+
+def _group_view(t: Tensor, scale: str) -> Tensor:
+    """Reshape ``t`` to (num_groups, group_size) for the per-tensor scale rules."""
+    if scale == "layer":
+        return t.reshape(1, -1)
+    if scale == "filter":
+        return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    return t.reshape(-1, 1)  # element
+
+
+def _unit_draw(
+    rows: int, cols: int, like: Tensor, generator: torch.Generator | None, distribution: str
+) -> Tensor:
+    """``rows`` independent unit draws of dimension ``cols`` from ``distribution``."""
+    shape = torch.Size((rows, cols))
+    if distribution == "uniform":
+        return _draw(shape, like, generator, "uniform") * 2 - 1
+    z = _draw(shape, like, generator, "normal")
+    if distribution == "gaussian":
+        return z
+    # A normalized Gaussian is uniform on the sphere; scaling by U^(1/d) fills the ball uniformly.
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    if distribution == "ball":
+        r = _draw(torch.Size((rows, 1)), like, generator, "uniform") ** (1.0 / cols)
+        z = z * r
+    return z
+
+
+def sample(
+    params: Mapping[str, Tensor],
+    radius: float,
+    *,
+    distribution: str = "ball",
+    scale: str = "filter",
+    relative: bool = True,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Draw one perturbation ``u`` (a dict like ``params``) with ``u_G = m_G * xi_G``.
+
+    See the module docstring for the meaning of ``distribution``, ``scale`` and ``relative``.
+    Parameters are processed in the mapping's order, so the same generator state gives the same
+    draw. ``radius=0`` gives exact zeros.
+    """
+    _check_choice(distribution, DISTRIBUTIONS, "noise distribution")
+    _check_choice(scale, SCALES, "noise scale")
+    radius = check_radius(radius)
+    with torch.no_grad():
+        if scale == "global":
+            return _sample_global(params, radius, distribution, relative, generator)
+        out: dict[str, Tensor] = {}
+        for name, w in params.items():
+            wg = _group_view(w.detach(), scale)
+            xi = _unit_draw(wg.shape[0], wg.shape[1], w, generator, distribution)
+            if relative:
+                m = radius * wg.norm(dim=1, keepdim=True)
+            else:
+                m = torch.full((wg.shape[0], 1), radius, dtype=w.dtype, device=w.device)
+            out[name] = (m * xi).reshape(w.shape)
+        return out
+
+
+def _sample_global(
+    params: Mapping[str, Tensor],
+    radius: float,
+    distribution: str,
+    relative: bool,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    names = list(params)
+    if not names:
+        return {}
+    tensors = [params[n].detach() for n in names]
+    numel = sum(t.numel() for t in tensors)
+    like = tensors[0]
+    flat = _unit_draw(1, numel, like, generator, distribution).reshape(-1)
+    m = radius
+    if relative:
+        m = radius * float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+    out, offset = {}, 0
+    for n, t in zip(names, tensors):
+        out[n] = (m * flat[offset : offset + t.numel()]).reshape(t.shape).to(t.dtype)
+        offset += t.numel()
+    return out
+
+
+class Sampler:
+    """A noise callable ``noise(params, generator) -> dict`` with a settable ``radius``.
+
+    ``Sampler(radius, distribution="ball", scale="filter", relative=True)``; all four are plain
+    attributes, so a schedule can change them between steps.
+    """
+
+    def __init__(
+        self,
+        radius: float,
+        distribution: str = "ball",
+        scale: str = "filter",
+        relative: bool = True,
+    ) -> None:
+        _check_choice(distribution, DISTRIBUTIONS, "noise distribution")
+        _check_choice(scale, SCALES, "noise scale")
+        self.radius = check_radius(radius)
+        self.distribution = distribution
+        self.scale = scale
+        self.relative = bool(relative)
+
+    def __call__(
+        self, params: Mapping[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        return sample(
+            params,
+            self.radius,
+            distribution=self.distribution,
+            scale=self.scale,
+            relative=self.relative,
+            generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Sampler(radius={self.radius}, distribution={self.distribution!r}, "
+            f"scale={self.scale!r}, relative={self.relative})"
+        )
+
+
+def is_norm_param(module: nn.Module) -> bool:
+    """True for normalization layers (BatchNorm, GroupNorm, LayerNorm, ...)."""
+    return isinstance(
+        module,
+        (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm),
+    )
+
+
+def named_trainable_params(
+    model: nn.Module, params: ParamSelector = None
+) -> dict[str, nn.Parameter]:
+    """The model's trainable parameters by name, optionally restricted.
+
+    ``params`` is ``None`` (all with ``requires_grad``), an iterable of names, a predicate
+    ``(name, tensor) -> bool``, ``"no_norm"`` (all but normalization-layer parameters) or
+    ``"weights"`` (tensors with dim > 1 only: no biases, no norm scales). Unknown names raise.
+    """
+    all_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        return all_params
+    if isinstance(params, str):
+        if params == "weights":
+            return {n: p for n, p in all_params.items() if p.dim() > 1}
+        if params == "no_norm":
+            norm_names = {
+                f"{mn}.{pn}" if mn else pn
+                for mn, m in model.named_modules()
+                if is_norm_param(m)
+                for pn, _ in m.named_parameters(recurse=False)
+            }
+            return {n: p for n, p in all_params.items() if n not in norm_names}
+        raise ValueError(f"unknown parameter selection {params!r}; use 'weights', 'no_norm', "
+                         "a list of names or a predicate")
+    if callable(params):
+        return {n: p for n, p in all_params.items() if params(n, p)}
+    wanted = list(params)
+    missing = [n for n in wanted if n not in all_params]
+    if missing:
+        raise ValueError(f"model has no trainable parameter named {missing[0]!r}")
+    return {n: all_params[n] for n in wanted}
+
+
+def check_noise_output(
+    noise: Mapping[str, Tensor], params: Mapping[str, Tensor], source: object
+) -> None:
+    """Raise ``ValueError`` if a ``noise=`` callable returned the wrong names or shapes."""
+    if not isinstance(noise, Mapping):
+        raise ValueError(f"noise {source!r} must return a dict of tensors, got {type(noise).__name__}")
+    for name, p in params.items():
+        if name not in noise:
+            raise ValueError(f"noise {source!r} returned no perturbation for parameter {name!r}")
+        u = noise[name]
+        if not isinstance(u, Tensor) or u.shape != p.shape:
+            shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(
+                f"noise {source!r} returned shape {shape} for parameter {name!r}, "
+                f"expected {tuple(p.shape)}"
+            )
