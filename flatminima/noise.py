@@ -5,7 +5,8 @@ divergence measurement draw their weight perturbation ``u`` from here. A sampler
 
     noise(params: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]
 
-returning one tensor per named parameter, of the same shape, dtype and device. Users inject their own.
+returning one tensor per named parameter, of the same shape, dtype and device. Users inject
+their own.
 
 The built-in samplers compose two choices (optax style: small pieces that compose):
 
@@ -24,9 +25,10 @@ The built-in samplers compose two choices (optax style: small pieces that compos
     (a bias, a norm scale) each entry is its own filter;
   - ``"element"``: each entry is a group.
 
-  With ``relative=True`` the magnitude is ``m_G = radius * ||w_G||`` (so the perturbation follows the
-  weights' own scale, which is what makes it invariant to the rescalings BatchNorm allows; Li et al.
-  2018's filter normalization, Kwon et al. 2021's ASAM); with ``relative=False`` it is ``m_G = radius``.
+  With ``relative=True`` the magnitude is ``m_G = radius * ||w_G||`` (so the perturbation follows
+  the weights' own scale, which is what makes it invariant to the rescalings BatchNorm allows;
+  Li et al. 2018's filter normalization, Kwon et al. 2021's ASAM); with ``relative=False`` it is
+  ``m_G = radius``.
 
 The perturbation is ``u_G = m_G * xi_G``. So ``sample(params, 0.05, distribution="ball",
 scale="global", relative=False)`` is uniform in the Euclidean ball ``B(0, 0.05)`` of the NRS paper
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ DISTRIBUTIONS = ("gaussian", "uniform", "sphere", "ball")
 SCALES = ("global", "layer", "filter", "element")
 
 NoiseFn = Callable[[dict[str, Tensor], "torch.Generator | None"], dict[str, Tensor]]
-ParamSelector = Union[Iterable[str], Callable[[str, Tensor], bool], str, None]
+ParamSelector = Iterable[str] | Callable[[str, Tensor], bool] | str | None
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -162,7 +163,7 @@ def _sample_global(
     if relative:
         m = radius * float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
     out, offset = {}, 0
-    for n, t in zip(names, tensors):
+    for n, t in zip(names, tensors, strict=True):
         out[n] = (m * flat[offset : offset + t.numel()]).reshape(t.shape).to(t.dtype)
         offset += t.numel()
     return out
@@ -255,7 +256,8 @@ def check_noise_output(
 ) -> None:
     """Raise ``ValueError`` if a ``noise=`` callable returned the wrong names or shapes."""
     if not isinstance(noise, Mapping):
-        raise ValueError(f"noise {source!r} must return a dict of tensors, got {type(noise).__name__}")
+        kind = type(noise).__name__
+        raise ValueError(f"noise {source!r} must return a dict of tensors, got {kind}")
     for name, p in params.items():
         if name not in noise:
             raise ValueError(f"noise {source!r} returned no perturbation for parameter {name!r}")
