@@ -5,14 +5,29 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from flatminima import noise
+from flatminima import methods, noise
+from flatminima.methods import (
+    ASAM,
+    NRS,
+    NSO,
+    RPR,
+    RWP,
+    SAM,
+    AdaSmoothOut,
+    Baseline,
+    Method,
+    SmoothOut,
+    StepResult,
+    create_method,
+    list_methods,
+)
 
 __version__ = "0.1.0"
 
 # Submodules loaded on first access, so `import flatminima` stays light and a missing optional
 # piece never breaks the rest.
 _LAZY_MODULES = ("hessian", "divergence", "landscape", "volume", "data", "models", "experiment",
-                 "methods", "plots")
+                 "plots")
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +36,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flatminima' has no attribute {name!r}")
 
 
-__all__ = ["noise", "__version__"]
+__all__ = [
+    "noise", "methods", "Method", "StepResult", "Baseline", "RPR", "NRS", "SAM", "ASAM", "NSO",
+    "SmoothOut", "AdaSmoothOut", "RWP", "create_method", "list_methods", "__version__",
+]
