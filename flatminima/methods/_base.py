@@ -198,9 +198,20 @@ def poison_grads(params: Sequence[Tensor]) -> None:
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``KL(softmax(p) || softmax(q))`` summed over the last dim, averaged over the rest."""
-    logp = F.log_softmax(logits_p.float(), dim=-1)
-    logq = F.log_softmax(logits_q.float(), dim=-1)
+    # Low-precision outputs (autocast) are upcast: the KL of nearby distributions is a small
+    # difference of logs that float16 cannot resolve.
+    logp = F.log_softmax(_upcast(logits_p), dim=-1)
+    logq = F.log_softmax(_upcast(logits_q), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def weighted_sum(values: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i weights[i] * values[i]`` of detached scalars, in the values' own dtype."""
+    return torch.stack([v.detach() * w for v, w in zip(values, weights, strict=True)]).sum()
 
 
 def broadcast_noise(u: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -325,15 +336,15 @@ def weighted_passes(
     """
     if not terms or terms[0][1] is not None:
         raise ValueError("the first term must be the clean pass")
-    device = model_device(model)
     active = [(m, j) for m in range(len(micro)) for j, (c, _) in enumerate(terms) if c != 0.0]
     last_active = active[-1] if active else None
-    clean_loss = torch.zeros((), device=device)
-    perturbed = torch.zeros((), device=device)
     perturbed_weight = sum(c for c, v in terms if v is not None)
+    clean_losses: list[Tensor] = []
+    pert_losses: list[Tensor] = []
+    pert_weights: list[float] = []
     logits_out: list[Tensor] = []
     for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
-        rng = RngReplay(device)
+        rng = RngReplay(model_device(model))
         for j, (c, v) in enumerate(terms):
             rng.restore()
             grad_needed = c != 0.0
@@ -345,10 +356,12 @@ def weighted_passes(
                 if grad_needed:
                     run_backward(loss * (c * w_m), scaler)
             if v is None:
-                clean_loss += loss.detach() * w_m
+                clean_losses.append(loss)
                 logits_out.append(out.detach())
             elif perturbed_weight:
-                perturbed += loss.detach() * (w_m * c / perturbed_weight)
+                pert_losses.append(loss)
+                pert_weights.append(w_m * c / perturbed_weight)
     logits = torch.cat(logits_out) if len(logits_out) > 1 else logits_out[0]
-    has_perturbed = any(v is not None for _, v in terms)
-    return StepResult(clean_loss, logits, perturbed if has_perturbed else None)
+    clean_loss = weighted_sum(clean_losses, weights)
+    perturbed = weighted_sum(pert_losses, pert_weights) if pert_losses else None
+    return StepResult(clean_loss, logits, perturbed)

@@ -27,6 +27,7 @@ from flatminima.methods._base import (
     model_device,
     run_backward,
     sync_context,
+    weighted_sum,
 )
 from flatminima.methods.rpr import RandomPerturbationMixin
 
@@ -95,10 +96,7 @@ class NRS(RandomPerturbationMixin, Method):
         u = self._draw(self._noise_fn(), params, generator)
         device = model_device(model)
         alpha = float(self.alpha)
-        clean = torch.zeros((), device=device)
-        pert = torch.zeros((), device=device)
-        div = torch.zeros((), device=device)
-        logits = []
+        clean, pert, div, logits = [], [], [], []
         last = len(micro) - 1
         for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
             rng = RngReplay(device)
@@ -108,12 +106,13 @@ class NRS(RandomPerturbationMixin, Method):
             else:
                 z1, l1, l2, kl = self._one_graph(model, x, y, u, w_m, alpha, loss_fn, scaler, rng,
                                                  m == last)
-            clean += l1 * w_m
-            pert += l2 * w_m
-            div += kl * w_m
+            clean.append(l1)
+            pert.append(l2)
+            div.append(kl)
             logits.append(z1)
         out = torch.cat(logits) if len(logits) > 1 else logits[0]
-        return StepResult(clean, out, pert, div)
+        mean = weighted_sum
+        return StepResult(mean(clean, weights), out, mean(pert, weights), mean(div, weights))
 
     @staticmethod
     def _one_graph(model, x, y, u, w_m, alpha, loss_fn, scaler, rng, last):

@@ -18,6 +18,7 @@ from flatminima.methods._base import (
     poison_grads,
     run_backward,
     sync_context,
+    weighted_sum,
 )
 
 
@@ -57,8 +58,7 @@ class SAM(Method):
         names, tensors = list(params), list(params.values())
         device = model_device(model)
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        clean = torch.zeros((), device=device)
-        logits, replays = [], []
+        clean, logits, replays = [], [], []
         inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
         # Pass 1: the full-batch gradient at w, read back without touching p.grad.
         for (x, y), w_m in zip(micro, weights, strict=True):
@@ -71,7 +71,7 @@ class SAM(Method):
             for n, g in zip(names, gs, strict=True):
                 if g is not None:
                     grads[n] += g * inv_scale
-            clean += loss.detach() * w_m
+            clean.append(loss.detach())
             logits.append(out.detach())
         overflow = not all(bool(torch.isfinite(g).all()) for g in grads.values())
         if overflow:
@@ -80,18 +80,18 @@ class SAM(Method):
             e = self._ascent(params, grads)
         del grads
         # Pass 2: accumulate grad L(w + e).
-        pert = torch.zeros((), device=device)
+        pert = []
         last = len(micro) - 1
         for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
             replays[m].restore()
             with sync_context(model, m == last), frozen_norm_stats(model):
                 loss = loss_fn(forward_at(model, x, e), y)
                 run_backward(loss * w_m, scaler)
-            pert += loss.detach() * w_m
+            pert.append(loss.detach())
         if overflow:
             poison_grads(tensors)
         out = torch.cat(logits) if len(logits) > 1 else logits[0]
-        return StepResult(clean, out, pert)
+        return StepResult(weighted_sum(clean, weights), out, weighted_sum(pert, weights))
 
 
 class ASAM(SAM):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,19 +24,29 @@ class SmoothOut(Method):
 
     Args:
         a: half-width of the uniform noise, ``>= 0``.
+        noise: optional sampler ``(params, generator) -> dict`` (overrides ``a``).
         params: which parameters are perturbed (default ``"no_norm"``).
     """
 
     name = "smoothout"
     _hparam_names = ("a",)
 
-    def __init__(self, a: float = 0.01, *, params: Any = "no_norm", **kw: Any) -> None:
+    def __init__(
+        self,
+        a: float = 0.01,
+        *,
+        noise: Callable[..., dict[str, Tensor]] | None = None,
+        params: Any = "no_norm",
+        **kw: Any,
+    ) -> None:
         super().__init__(params=params, **kw)
-        self.a = a
+        self.a, self.noise = a, noise
         self._validate()
 
     def _validate(self) -> None:
         check_nonneg(self.a, "a")
+        if self.noise is not None and not callable(self.noise):
+            raise ValueError(f"noise must be callable, got {self.noise!r}")
 
     def _sample(
         self, params: Mapping[str, Tensor], generator: torch.Generator | None
@@ -50,7 +60,7 @@ class SmoothOut(Method):
         params = self._perturbed_params(model)
         results = []
         for batch, w_m in zip(micro, weights, strict=True):
-            u = self._draw(self._sample, params, generator)
+            u = self._draw(self.noise or self._sample, params, generator)
             # One micro-batch at a time with its own noise; weight w_m keeps the full-batch mean.
             results.append(
                 weighted_passes(model, [batch], [1.0], _scaled(loss_fn, w_m), scaler,
