@@ -1,0 +1,218 @@
+"""Private plumbing shared by the measurements: parameter subsets, flat vectors, data batches.
+
+The measurements (``hessian``, ``divergence``, ``landscape``, ``volume``) all see the model as a
+function of one flat vector ``w`` of the selected parameters, with every other parameter and
+buffer held fixed. This module turns a model plus a selection into that view:
+
+* :func:`select_params` resolves ``params=`` (``None``, a list of names, a predicate, or one of
+  ``"last_layer"``, ``"weights"``, ``"no_norm"``) into an ordered ``{name: Parameter}`` dict.
+* :class:`FlatParams` flattens/unflattens between that dict and one vector.
+* :func:`as_batches` turns ``data`` (one ``(x, y)`` batch or an iterable of them) into a list.
+* :func:`measuring_mode` puts the model in eval (or train) mode and restores mode and buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flatminima.noise import named_trainable_params
+
+Batch = tuple[Tensor, Tensor]
+ParamSpec = Sequence[str] | Callable[..., bool] | str | None
+
+
+def _leaf_modules_with_params(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def last_layer_names(model: nn.Module, example_input: Tensor | None = None) -> list[str]:
+    """Names of the parameters of the model's last layer.
+
+    The last layer is the last module owning trainable parameters *in execution order* when an
+    example input is given (found with forward hooks, so a head registered before the body is
+    still found), else in registration order. For the CIFAR ResNets, WRN and ViT this is the
+    final classifier ``nn.Linear`` (the NRS paper's Table 3 measures exactly this layer).
+    """
+    owners = _leaf_modules_with_params(model)
+    if not owners:
+        raise ValueError("model has no trainable parameters, so it has no last layer")
+    last_name = owners[-1][0]
+    if example_input is not None:
+        order: list[str] = []
+        handles = [
+            m.register_forward_hook(lambda _m, _i, _o, n=name: order.append(n))
+            for name, m in owners
+        ]
+        try:
+            with torch.no_grad():
+                model(example_input)
+        finally:
+            for h in handles:
+                h.remove()
+        if order:
+            last_name = order[-1]
+    module = dict(model.named_modules())[last_name]
+    prefix = f"{last_name}." if last_name else ""
+    return [f"{prefix}{n}" for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def select_params(
+    model: nn.Module, params: ParamSpec = None, example_input: Tensor | None = None
+) -> dict[str, nn.Parameter]:
+    """Resolve a parameter selection into an ordered ``{name: Parameter}`` dict.
+
+    ``params`` is ``None`` (every trainable parameter), a list of names, a predicate taking the
+    name (or ``(name, tensor)``), ``"last_layer"`` (see :func:`last_layer_names`), ``"weights"``
+    (tensors with ``dim > 1``: no biases, no norm scales) or ``"no_norm"`` (all but
+    normalization-layer parameters). An empty result or an unknown name raises ``ValueError``.
+    """
+    if params == "last_layer":
+        names = last_layer_names(model, example_input)
+        selected = named_trainable_params(model, names)
+    elif callable(params) and not isinstance(params, str):
+        arity = _arity(params)
+        if arity == 1:
+            selected = named_trainable_params(model, lambda n, _p: bool(params(n)))
+        else:
+            selected = named_trainable_params(model, params)
+    elif isinstance(params, str) or params is None:
+        selected = named_trainable_params(model, params)
+    else:
+        names = list(params)
+        selected = named_trainable_params(model, names)
+    if not selected:
+        raise ValueError(f"parameter selection {params!r} matches no trainable parameter")
+    return selected
+
+
+def _arity(fn: Callable[..., bool]) -> int:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 2
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return 1 if len(positional) == 1 else 2
+
+
+@dataclass(frozen=True)
+class FlatParams:
+    """The bijection between a ``{name: tensor}`` dict and one flat vector (in dict order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    numels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor]) -> FlatParams:
+        names = tuple(params)
+        shapes = tuple(params[n].shape for n in names)
+        return cls(names, shapes, tuple(int(s.numel()) for s in shapes))
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``tensors[name]`` in order into one vector."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of ``flat`` (shape ``(..., size)``) reshaped to each parameter's shape.
+
+        Leading batch dimensions are kept, so a ``(P, size)`` stack of weight sets becomes
+        ``{name: (P, *shape)}``, ready for ``torch.func.vmap``.
+        """
+        lead = flat.shape[:-1]
+        out, offset = {}, 0
+        for n, shape, k in zip(self.names, self.shapes, self.numels, strict=True):
+            out[n] = flat[..., offset : offset + k].reshape(*lead, *shape)
+            offset += k
+        return out
+
+
+def as_batches(data: object, device: torch.device | None = None) -> list[Batch]:
+    """``data`` as a non-empty list of ``(x, y)`` batches on ``device``.
+
+    ``data`` is one batch (a 2-tuple/list of tensors) or an iterable of batches (a list, a
+    ``DataLoader``, a generator). Iterables are materialized once, because every matvec of a
+    Lanczos or Hutchinson run must see the same batches.
+    """
+    if _is_batch(data):
+        batches = [data]
+    elif isinstance(data, Iterable):
+        batches = list(data)
+    else:
+        raise ValueError(f"data must be an (inputs, targets) batch or an iterable of them, "
+                         f"got {type(data).__name__}")
+    if not batches:
+        raise ValueError("data is empty: need at least one (inputs, targets) batch")
+    out: list[Batch] = []
+    for i, b in enumerate(batches):
+        if not _is_batch(b):
+            raise ValueError(f"batch {i} of data is not an (inputs, targets) pair of tensors")
+        x, y = b[0], b[1]
+        if len(x) == 0:
+            raise ValueError(f"batch {i} of data is empty")
+        if len(x) != len(y):
+            raise ValueError(f"batch {i} has {len(x)} inputs but {len(y)} targets")
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        out.append((x, y))
+    return out
+
+
+def _is_batch(obj: object) -> bool:
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and isinstance(obj[0], Tensor)
+        and isinstance(obj[1], Tensor)
+    )
+
+
+def batch_weights(batches: Sequence[Batch]) -> list[float]:
+    """``n_b / N`` for each batch: the weights of the size-weighted mean loss."""
+    sizes = [len(x) for x, _ in batches]
+    total = float(sum(sizes))
+    return [s / total for s in sizes]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def measuring_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Put ``model`` in eval (default) or train mode; restore the mode and all buffers after.
+
+    In train mode BatchNorm updates its running statistics on every forward; a measurement
+    must not change the model, so the buffers are copied and written back.
+    """
+    modes = {m: m.training for m in model.modules()}
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if train else {}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if saved:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])

@@ -1,0 +1,251 @@
+"""The curvature of a model's loss as a linear operator on one flat parameter vector.
+
+For a model ``f``, a loss ``loss_fn`` and batches ``B_1..B_K`` of sizes ``n_1..n_K`` the measured
+objective is the size-weighted mean loss
+
+    L(w) = sum_b (n_b / N) * loss_fn(f(w; x_b), y_b),      N = sum_b n_b,
+
+over the selected parameters ``w`` (every other parameter and buffer fixed). Two curvatures:
+
+* ``"hessian"``: ``H = d^2 L / dw^2``, the exact Hessian.
+* ``"ggn"``: the generalized Gauss-Newton ``G = sum_b (n_b/N) J_b^T H_b J_b`` with
+  ``J_b = d f(w; x_b) / dw`` and ``H_b = d^2 loss_fn / d f^2`` (positive semi-definite for
+  convex losses such as cross-entropy; Schraudolph 2002). For a last layer that is linear in its
+  own weights (a classifier ``nn.Linear``) the two coincide exactly.
+
+Hessian-vector products come in two flavours (``mode=``):
+
+* ``"double_backward"`` (Pearlmutter 1994 via reverse-over-reverse): the gradient graph of each
+  batch is built once and kept, so every product costs one backward pass through it. Blocks of
+  vectors go through ``autograd.grad(..., is_grads_batched=True)``.
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; each product re-runs the
+  forward and backward with dual numbers, blocks of vectors through ``torch.func.vmap``.
+
+``"auto"`` picks double-backward with the graph kept when it fits (the winner on this
+project's CPU measurement, ``benchmarks/results/hessian.md``), forward-over-reverse otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from flatminima._params import (
+    Batch,
+    FlatParams,
+    ParamSpec,
+    as_batches,
+    batch_weights,
+    model_device,
+    select_params,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+CURVATURES = ("hessian", "ggn")
+MODES = ("auto", "double_backward", "forward_over_reverse")
+
+
+def _default_loss(loss_fn: LossFn | None) -> LossFn:
+    if loss_fn is None:
+        return torch.nn.functional.cross_entropy
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+    return loss_fn
+
+
+class CurvatureOperator:
+    """``v -> C v`` for the Hessian or GGN ``C`` of the size-weighted mean loss.
+
+    Build it once, then call :meth:`matvec` / :meth:`matmat` many times: the Lanczos, Hutch++
+    and SLQ routines of :mod:`flatminima.hessian` are written against this class. The model must
+    stay in the wanted mode (see :func:`flatminima._params.measuring_mode`) while it is used.
+
+    Attributes: ``size`` (the dimension ``n``), ``flat`` (the name/shape layout), ``w0`` (the
+    flat selected parameters), ``num_matvecs`` (products computed so far; a block of ``b``
+    vectors counts ``b``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        data: object,
+        params: ParamSpec = None,
+        *,
+        curvature: str = "hessian",
+        mode: str = "auto",
+        cache_graph: bool | None = None,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
+        if mode not in MODES:
+            raise ValueError(f"unknown hvp mode {mode!r}; choose one of {MODES}")
+        self.model = model
+        self.loss_fn = _default_loss(loss_fn)
+        self.batches: list[Batch] = as_batches(data, model_device(model))
+        self.weights = batch_weights(self.batches)
+        selected = select_params(model, params, example_input=self.batches[0][0])
+        self.names = list(selected)
+        self.flat = FlatParams.of(selected)
+        self.size = self.flat.size
+        self.w0 = self.flat.flatten({n: p.detach() for n, p in selected.items()})
+        # Every other parameter enters as a constant: no graph through the frozen part.
+        self.fixed = {
+            n: p.detach() for n, p in model.named_parameters() if n not in selected
+        }
+        self.curvature = curvature
+        if cache_graph is None:
+            # Keeping every batch's double-backward graph costs all their activations at once;
+            # do it by default for a single batch only.
+            cache_graph = len(self.batches) == 1
+        if mode == "auto":
+            mode = "double_backward" if curvature == "hessian" else "forward_over_reverse"
+        self.mode = mode
+        self.cache_graph = bool(cache_graph)
+        self.num_matvecs = 0
+        self._graph: tuple[Tensor, Tensor] | None = None
+
+    # -- the objective as a function of the flat vector -------------------------------------
+    def outputs(self, w: Tensor, x: Tensor) -> Tensor:
+        """Model outputs at flat parameters ``w`` (other parameters fixed)."""
+        return functional_call(self.model, {**self.fixed, **self.flat.unflatten(w)}, (x,))
+
+    def batch_loss(self, w: Tensor, batch: Batch) -> Tensor:
+        x, y = batch
+        return self.loss_fn(self.outputs(w, x), y)
+
+    def loss(self, w: Tensor | None = None) -> Tensor:
+        """The size-weighted mean loss at ``w`` (default: the model's weights)."""
+        w = self.w0 if w is None else w
+        with torch.no_grad():
+            return sum(c * self.batch_loss(w, b) for c, b in zip(self.weights, self.batches,
+                                                                strict=True))
+
+    # -- products ------------------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """``C v`` for one flat vector ``v`` of shape ``(n,)``."""
+        self._check(v, 1)
+        return self.matmat(v.unsqueeze(0)).squeeze(0)
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``C v_i`` for a block ``vs`` of shape ``(b, n)``, returned as ``(b, n)``."""
+        self._check(vs, 2)
+        vs = vs.to(device=self.w0.device, dtype=self.w0.dtype)
+        self.num_matvecs += vs.shape[0]
+        if self.curvature == "ggn":
+            return self._ggn(vs)
+        if self.mode == "double_backward":
+            return self._double_backward(vs)
+        return self._forward_over_reverse(vs)
+
+    def _check(self, v: Tensor, dim: int) -> None:
+        if v.dim() != dim or v.shape[-1] != self.size:
+            raise ValueError(
+                f"vector of shape {tuple(v.shape)} does not match the {self.size} selected "
+                "parameters"
+            )
+
+    def _grad_graph(self, batches: Sequence[Batch], weights: Sequence[float]) -> tuple[Tensor,
+                                                                                       Tensor]:
+        w = self.w0.detach().clone().requires_grad_(True)
+        total = None
+        for c, b in zip(weights, batches, strict=True):
+            loss = c * self.batch_loss(w, b)
+            total = loss if total is None else total + loss
+        (g,) = torch.autograd.grad(total, w, create_graph=True)
+        return w, g
+
+    def _double_backward(self, vs: Tensor) -> Tensor:
+        if self.cache_graph:
+            if self._graph is None:
+                self._graph = self._grad_graph(self.batches, self.weights)
+            return self._backward_through(*self._graph, vs)
+        out = torch.zeros_like(vs)
+        for c, b in zip(self.weights, self.batches, strict=True):
+            w, g = self._grad_graph([b], [c])
+            out += self._backward_through(w, g, vs)
+        return out
+
+    @staticmethod
+    def _backward_through(w: Tensor, g: Tensor, vs: Tensor) -> Tensor:
+        if not g.requires_grad:  # loss linear in w: zero curvature
+            return torch.zeros_like(vs)
+        if vs.shape[0] == 1:
+            (hv,) = torch.autograd.grad(g, w, vs[0], retain_graph=True, allow_unused=True)
+            return torch.zeros_like(vs) if hv is None else hv.unsqueeze(0)
+        (hv,) = torch.autograd.grad(
+            g, w, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return torch.zeros_like(vs) if hv is None else hv
+
+    def _forward_over_reverse(self, vs: Tensor) -> Tensor:
+        out = torch.zeros_like(vs)
+        for c, b in zip(self.weights, self.batches, strict=True):
+            grad_fn = grad(lambda w, b=b: self.batch_loss(w, b))
+
+            def hvp_one(v: Tensor, grad_fn: Callable = grad_fn) -> Tensor:
+                return jvp(grad_fn, (self.w0,), (v,))[1]
+
+            hv = hvp_one(vs[0]).unsqueeze(0) if vs.shape[0] == 1 else vmap(hvp_one)(vs)
+            out += c * hv
+        return out
+
+    def _ggn(self, vs: Tensor) -> Tensor:
+        out = torch.zeros_like(vs)
+        for c, (x, y) in zip(self.weights, self.batches, strict=True):
+            f = lambda w, x=x: self.outputs(w, x)  # noqa: E731
+            z, vjp_fn = vjp(f, self.w0)
+            loss_grad = grad(lambda o, y=y: self.loss_fn(o, y))
+
+            def ggn_one(v: Tensor, f: Callable = f, z: Tensor = z, vjp_fn: Callable = vjp_fn,
+                        loss_grad: Callable = loss_grad) -> Tensor:
+                jv = jvp(f, (self.w0,), (v,))[1]              # J v
+                hjv = jvp(loss_grad, (z,), (jv,))[1]           # H_out J v
+                return vjp_fn(hjv)[0]                           # J^T H_out J v
+
+            gv = ggn_one(vs[0]).unsqueeze(0) if vs.shape[0] == 1 else vmap(ggn_one)(vs)
+            out += c * gv
+        return out
+
+    def release(self) -> None:
+        """Free the kept gradient graph."""
+        self._graph = None
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: object,
+    v: Tensor | dict[str, Tensor],
+    *,
+    params: ParamSpec = None,
+    curvature: str = "hessian",
+    mode: str = "auto",
+    train: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """The Hessian (or GGN) of the size-weighted mean loss times ``v``.
+
+    ``v`` is a flat vector over the selected parameters (in ``model.named_parameters()`` order)
+    or a dict ``{name: tensor}``; the result has the same form. Eval mode unless ``train=True``.
+
+    Example::
+
+        hv = fm.hessian.hvp(model, F.cross_entropy, (x, y), {n: torch.ones_like(p)
+                             for n, p in model.named_parameters()})
+    """
+    from flatminima._params import measuring_mode
+
+    with measuring_mode(model, train):
+        op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
+        if isinstance(v, dict):
+            missing = [n for n in op.names if n not in v]
+            if missing:
+                raise ValueError(f"v has no entry for parameter {missing[0]!r}")
+            hv = op.matvec(op.flat.flatten(v))
+            return {n: t.detach() for n, t in op.flat.unflatten(hv).items()}
+        if not isinstance(v, Tensor):
+            raise ValueError(f"v must be a tensor or a dict of tensors, got {type(v).__name__}")
+        return op.matvec(v.reshape(-1) if v.dim() != 1 else v).detach()
