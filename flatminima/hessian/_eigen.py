@@ -43,8 +43,10 @@ def eigenvalues(
 
         lam = fm.hessian.eigenvalues(model, F.cross_entropy, loader, k=1, params="last_layer")
 
-    A repeated eigenvalue is found once per start vector; Lanczos restarts on a closed Krylov
-    space, so copies appear only when the iteration runs past that point.
+    Lanczos from one start vector sees each distinct eigenvalue once; when its Krylov space
+    closes it continues from a fresh vector orthogonal to it, so exact copies of a repeated
+    eigenvalue are found too. Nearly repeated eigenvalues converge more slowly (as for any
+    single-vector method).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")

@@ -109,7 +109,10 @@ def lanczos(
         # A breakdown means the Krylov space is invariant: the Ritz pairs of this block are exact.
         residuals = (0.0 if breakdown else b) * s[-1].abs()
         ritz, weights = theta, s[0] ** 2
-        if tol is not None and step >= k:
+        # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
+        # hide in the orthogonal complement: look there before accepting convergence.
+        can_restart = breakdown and restart_on_breakdown and basis.shape[0] < n
+        if tol is not None and step >= k and not can_restart:
             idx = _wanted(theta, k, which)
             floor = math.sqrt(eps) * scale
             bound = tol * torch.clamp(theta[idx].abs(), min=floor)
