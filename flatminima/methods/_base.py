@@ -41,6 +41,7 @@ from torch.func import functional_call
 from flatminima import noise as noise_lib
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Term = tuple[float, "Mapping[str, Tensor] | None"]
 Batch = tuple[Tensor, Tensor]
 
 
@@ -325,27 +326,34 @@ def weighted_passes(
     weights: list[float],
     loss_fn: LossFn,
     scaler: torch.amp.GradScaler | None,
-    terms: Sequence[tuple[float, Mapping[str, Tensor] | None]],
+    terms: Sequence[Term] | Sequence[Sequence[Term]],
+    *,
+    per_micro_batch: bool = False,
 ) -> StepResult:
     """Accumulate ``sum_j c_j * grad L(w + v_j)`` for ``terms = [(c_j, v_j), ...]``.
+
+    With ``per_micro_batch=True``, ``terms[m]`` is the list for micro-batch ``m`` (SmoothOut's fresh
+    noise per ghost batch); otherwise every micro-batch shares ``terms``.
 
     ``terms[0]`` must be the clean pass (``v_0 = None``); it runs first on each micro-batch, updates
     the normalization statistics and gives the clean loss and logits. A pass with ``c_j = 0`` runs
     without a graph (the clean pass of RPR, SmoothOut, NSO with ``lam = 0``). One autograd graph is
     alive at a time.
     """
-    if not terms or terms[0][1] is not None:
-        raise ValueError("the first term must be the clean pass")
-    active = [(m, j) for m in range(len(micro)) for j, (c, _) in enumerate(terms) if c != 0.0]
+    plan = list(terms) if per_micro_batch else [terms] * len(micro)
+    if len(plan) != len(micro) or any(not t or t[0][1] is not None for t in plan):
+        raise ValueError("each micro-batch needs a term list starting with the clean pass")
+    active = [(m, j) for m, ts in enumerate(plan) for j, (c, _) in enumerate(ts) if c != 0.0]
     last_active = active[-1] if active else None
-    perturbed_weight = sum(c for c, v in terms if v is not None)
     clean_losses: list[Tensor] = []
     pert_losses: list[Tensor] = []
     pert_weights: list[float] = []
     logits_out: list[Tensor] = []
     for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
         rng = RngReplay(model_device(model))
-        for j, (c, v) in enumerate(terms):
+        terms_m = plan[m]
+        perturbed_weight = sum(c for c, v in terms_m if v is not None)
+        for j, (c, v) in enumerate(terms_m):
             rng.restore()
             grad_needed = c != 0.0
             stats = contextlib.nullcontext() if v is None else frozen_norm_stats(model)

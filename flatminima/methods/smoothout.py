@@ -58,15 +58,9 @@ class SmoothOut(Method):
 
     def _backward(self, model, micro, weights, loss_fn, scaler, generator) -> StepResult:
         params = self._perturbed_params(model)
-        results = []
-        for batch, w_m in zip(micro, weights, strict=True):
-            u = self._draw(self.noise or self._sample, params, generator)
-            # One micro-batch at a time with its own noise; weight w_m keeps the full-batch mean.
-            results.append(
-                weighted_passes(model, [batch], [1.0], _scaled(loss_fn, w_m), scaler,
-                                [(0.0, None), (1.0, u)])
-            )
-        return _merge(results, weights)
+        sampler = self.noise or self._sample
+        plan = [[(0.0, None), (1.0, self._draw(sampler, params, generator))] for _ in micro]
+        return weighted_passes(model, micro, weights, loss_fn, scaler, plan, per_micro_batch=True)
 
 
 class AdaSmoothOut(SmoothOut):
@@ -92,15 +86,3 @@ class AdaSmoothOut(SmoothOut):
             xi = xi / xi.norm(dim=1, keepdim=True).clamp_min(torch.finfo(xi.dtype).tiny)
             out[n] = (xi * rows.norm(dim=1, keepdim=True) * float(self.a)).reshape(w.shape)
         return out
-
-
-def _scaled(loss_fn, w: float):
-    return lambda out, y: loss_fn(out, y) * w
-
-
-def _merge(results: list[StepResult], weights: list[float]) -> StepResult:
-    # Each part's losses were multiplied by its weight already, so they add up to the means.
-    loss = sum(r.loss for r in results)
-    pert = sum(r.perturbed_loss for r in results)
-    logits = torch.cat([r.logits for r in results]) if len(results) > 1 else results[0].logits
-    return StepResult(loss, logits, pert)
