@@ -1,0 +1,337 @@
+"""One training run: ``train(cfg) -> metrics``, a single readable function (nanoGPT style).
+
+The run folder ``cfg.out`` receives
+
+* ``config.yaml``  the resolved config (every default filled in);
+* ``last.pt``      an atomic checkpoint after every epoch (model, optimizer, scaler, method state,
+                   every random state, metric history);
+* ``metrics.csv``  one row per epoch; ``tb/`` the same as TensorBoard scalars;
+* ``metrics.json`` the final metrics, written last: its presence marks a finished run.
+
+Started again with the same config, a run resumes from ``last.pt`` and finishes with bitwise the
+same weights and metrics as an uninterrupted run on CPU (the loader's order depends only on
+``seed`` and the epoch; every other random state is in the checkpoint).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in ``DistributedDataParallel``; each
+rank trains on its own shard of the training set (a fixed ``rank::world_size`` split, equal
+lengths, reshuffled within the shard each epoch) and draws its own perturbation (generator seeded
+by ``seed`` and rank), as in the NRS paper's practical implementation. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatminima.experiment import checkpoint as ckpt
+from flatminima.experiment.config import Config, ConfigError, config_from_dict, dump_yaml
+from flatminima.experiment.logs import RunLogger, progress
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps': no MPS device is available")
+    return torch.device(name)
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then the schedule.
+
+    cosine: ``lr * (1 + cos(pi * t)) / 2`` with ``t`` the fraction of post-warm-up steps done;
+    step: ``lr * gamma ** (number of milestones passed)``, milestones as fractions of training
+    (<= 1) or epoch numbers (> 1).
+    """
+    total = cfg.epochs * steps_per_epoch
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    epoch = step / steps_per_epoch
+    passed = sum(epoch >= (m * cfg.epochs if m <= 1 else m) for m in cfg.milestones)
+    return cfg.lr * cfg.gamma ** passed
+
+
+def split_validation(x: Tensor, y: Tensor, fraction: float, seed: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Hold out ``fraction`` of each class (at least one example per class) as validation."""
+    if fraction <= 0:
+        return x, y, x[:0], y[:0]
+    g = torch.Generator().manual_seed(seed)
+    val_idx = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val_idx.append(idx[: max(1, round(fraction * len(idx)))])
+    val = torch.cat(val_idx).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    if keep.sum() == 0:
+        raise ConfigError(f"val_split={fraction}: leaves no training data")
+    return x[keep], y[keep], x[val], y[val]
+
+
+def shard(x: Tensor, y: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Rank ``rank``'s share ``rank::world`` of a data set, cut to equal length on every rank
+    (DistributedSampler's padding would repeat examples; a step count that differs between ranks
+    would hang the all-reduce)."""
+    n = (len(y) // world) * world
+    return x[rank:n:world], y[rank:n:world]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, loss_fn: Any) -> tuple[float, float]:
+    """Mean loss and accuracy (%) over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += float(loss_fn(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    if count == 0:
+        return math.nan, math.nan
+    return loss_sum / count, 100.0 * correct / count
+
+
+def _dist_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_data(cfg: Config) -> dict[str, Any]:
+    """The data set split into train / val / test tensors, plus its shape information."""
+    from flatminima.data import get_dataset
+
+    data = get_dataset(cfg.dataset, cfg.data_root, subset_per_class=cfg.subset_per_class,
+                       label_noise=cfg.label_noise, seed=cfg.data_seed)
+    x_tr, y_tr, x_val, y_val = split_validation(data.x_train, data.y_train, cfg.val_split,
+                                                cfg.data_seed)
+    return {"data": data, "train": (x_tr, y_tr), "val": (x_val, y_val),
+            "test": (data.x_test, data.y_test)}
+
+
+def build_model(cfg: Config, data: Any) -> nn.Module:
+    from flatminima.models import create_model
+
+    try:
+        return create_model(cfg.model, num_classes=data.num_classes,
+                            input_shape=tuple(data.input_shape), **cfg.model_args)
+    except TypeError as e:
+        raise ConfigError(f"model {cfg.model!r}: {' '.join(str(e).split())}") from None
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def loss_function(cfg: Config) -> Any:
+    return functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+
+
+def finished_metrics(out: str | Path, cfg: Config) -> dict[str, Any] | None:
+    """The final metrics of a finished run of ``cfg`` in ``out``, or None."""
+    path = Path(out) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("fingerprint") == cfg.fingerprint() else None
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train one model as ``cfg`` says; return its final metrics (see the module doc)."""
+    from flatminima.data import DeviceLoader
+    from flatminima.methods import create_method
+
+    out = Path(cfg.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    device = resolve_device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    if cfg.resume and (done := finished_metrics(out, cfg)) is not None:
+        return done
+
+    # Data on the device, loaders seeded by (seed, epoch) so the order is reproducible on resume.
+    d = build_data(cfg)
+    data = d["data"]
+    x_tr, y_tr = shard(*d["train"], rank, world) if world > 1 else d["train"]
+    norm = {"mean": data.mean, "std": data.std, "device": device}
+    train_loader = DeviceLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                augment=None if cfg.augment == "none" else cfg.augment, **norm)
+    eval_loaders = {split: DeviceLoader(*d[split], cfg.eval_batch_size, shuffle=False, **norm)
+                    for split in ("train", "val", "test") if len(d[split][1]) > 0}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data).to(device)
+    method = create_method(cfg.method, **cfg.hparams)
+    optimizer = build_optimizer(cfg, model)
+    # Each rank draws its own perturbation: a generator per rank, saved in the checkpoint.
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+    use_amp = cfg.amp and device.type in ("cuda", "cpu")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if use_amp and device.type == "cuda" else None
+    loss_fn = loss_function(cfg)
+    steps_per_epoch = len(train_loader)
+
+    # Resume from the last complete epoch of an identical config.
+    start_epoch, history = 0, []
+    ckpt_path = out / "last.pt"
+    if cfg.resume and ckpt_path.is_file():
+        state = ckpt.load(ckpt_path)
+        saved = config_from_dict(state["config"])
+        if saved.fingerprint() != cfg.fingerprint():
+            diff = [k for k, v in cfg.identity().items() if saved.identity().get(k) != v]
+            raise ConfigError(f"out={cfg.out!r} holds a run with a different config "
+                              f"({', '.join(diff)}); choose another out= or set resume=false")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][rank] if isinstance(state["rng"], list) else state["rng"]
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        ckpt.set_rng_state(rng, {"method": gen})
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    logger = RunLogger(out, history, tensorboard=cfg.tensorboard) if is_main else None
+    quiet = cfg.quiet or not is_main
+    start = time.time()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            train_loader.set_epoch(epoch)
+            loss_sum, correct, count = 0.0, 0.0, 0.0
+            bar = progress(train_loader, total=steps_per_epoch, quiet=quiet, unit="step",
+                           desc=f"{cfg.progress_desc or cfg.method} {epoch + 1}/{cfg.epochs}")
+            for i, (x, y) in enumerate(bar):
+                lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    result = method.backward(model, x, y, loss_fn, scaler=scaler, generator=gen)
+                loss = float(result.loss)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at epoch {epoch + 1}, step {i + 1} (lr={lr:.4g}); "
+                        f"stopped, last good checkpoint kept in {str(ckpt_path)!r}")
+                if cfg.grad_clip is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss * len(y)
+                count += len(y)
+                if result.logits is not None:
+                    correct += float((result.logits.argmax(1) == y).sum())
+                if not quiet:
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}",
+                                    acc=f"{100 * correct / count:.2f}", refresh=False)
+            bar.close()
+            loss_sum, correct, count = _dist_sum([loss_sum, correct, count], device)
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
+                                   "train_loss_running": loss_sum / count,
+                                   "train_acc_running": 100.0 * correct / count}
+            net = _unwrap(model)
+            for split, loader in eval_loaders.items():
+                row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, loader, loss_fn)
+            row["time_s"] = round(time.time() - start, 3)
+            if not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss")):
+                raise TrainingDiverged(f"evaluation loss is not finite after epoch {epoch + 1}; "
+                                       f"stopped, last good checkpoint kept in "
+                                       f"{str(ckpt_path)!r}")
+            history.append(row)
+            rngs = [ckpt.rng_state({"method": gen})]
+            if world > 1:  # every rank's random state, so a resumed DDP run continues exactly
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if is_main:
+                ckpt.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict() if scaler is not None else {},
+                           "method": method.state_dict(), "epoch": epoch + 1,
+                           "history": history, "config": cfg.to_dict(),
+                           "rng": rngs if world > 1 else rngs[0]}, ckpt_path)
+                assert logger is not None
+                logger.log(row)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if logger is not None:
+            logger.close()
+
+    net = _unwrap(model)
+    final = dict(history[-1]) if history else {}
+    metrics: dict[str, Any] = {
+        **{k: v for k, v in final.items() if k not in ("lr",)},
+        "method": cfg.method, "hparams": cfg.hparams, "seed": cfg.seed,
+        "epochs": cfg.epochs, "params": sum(p.numel() for p in net.parameters()),
+        "world_size": world, "fingerprint": cfg.fingerprint(), "out": str(out),
+        "history": history,
+    }
+    if world > 1:
+        # DDP keeps the replicas identical; record the check so a test can see it.
+        flat = torch.cat([p.detach().flatten() for p in net.parameters()]).double()
+        spread = flat.clone()
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        low = flat.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        metrics["ddp_max_weight_diff"] = float((spread - low).abs().max())
+    if is_main:
+        ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
