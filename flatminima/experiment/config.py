@@ -194,9 +194,18 @@ def method_signature(method: str) -> dict[str, inspect.Parameter]:
     from flatminima import methods
 
     cls = _method_class(methods, method)
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p for k, p in params.items()
-            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    out: dict[str, inspect.Parameter] = {}
+    # Follow ``**kw`` up the class tree: SAM(rho, **kw) also takes Method's keyword arguments.
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        for k, p in params.items():
+            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                out.setdefault(k, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return out
 
 
 def _method_class(methods: types.ModuleType, name: str) -> type:
