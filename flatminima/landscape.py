@@ -1,0 +1,338 @@
+"""Loss landscapes: filter-normalized random directions, 1D lines, 2D planes, interpolation.
+
+Li, Xu, Taylor, Studer & Goldstein, "Visualizing the Loss Landscape of Neural Nets" (NeurIPS
+2018) plot ``L(w + a d1 + b d2)`` along random directions whose every filter is rescaled to the
+norm of the matching filter of ``w``:
+
+    d_{l,j} <- d_{l,j} / ||d_{l,j}|| * ||w_{l,j}||,
+
+which removes the scale invariance of ReLU/BatchNorm networks, so that curvature seen in the
+plots can be compared across models. Biases and BatchNorm parameters (1-D tensors) are set to
+zero by default, as in their code's ``ignore='biasbn'``; ``bias_bn="weight"`` uses the weight
+itself (their other option) and ``bias_bn="filter"`` treats each entry as its own filter.
+Huang et al. ("Understanding Generalization through Visualizations", 2020) use the same plots.
+
+All functions return arrays (tensors), no plotting. Many weight sets are evaluated per forward
+pass with ``torch.func.vmap`` over stacked parameters (``chunk_size`` of them at a time), not one
+Python iteration per grid point.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from flatminima._params import (
+    FlatParams,
+    ParamSpec,
+    as_batches,
+    batch_weights,
+    measuring_mode,
+    model_device,
+    select_params,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+NORMS = ("filter", "layer", "global", "none")
+BIAS_BN = ("zero", "weight", "filter")
+
+
+@dataclass
+class Landscape:
+    """Loss and accuracy at each point (shape of the coordinate grid), plus the coordinates.
+
+    ``accuracy`` is NaN where the outputs are not class scores ``(batch, classes)`` with integer
+    targets.
+    """
+
+    loss: Tensor
+    accuracy: Tensor
+    coords: tuple[Tensor, ...]
+
+
+def _filter_rows(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+
+
+def normalize_direction(
+    direction: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    *,
+    norm: str = "filter",
+    bias_bn: str = "zero",
+) -> dict[str, Tensor]:
+    """Rescale ``direction`` to the weights' scale (Li et al. 2018, Sec. 4).
+
+    ``norm``: ``"filter"`` (each slice along dim 0 gets the norm of the matching slice of ``w``),
+    ``"layer"`` (each tensor), ``"global"`` (the whole direction gets ``||w||``) or ``"none"``.
+    ``bias_bn`` decides 1-D tensors (biases, norm-layer scales) for the ``filter``/``layer``
+    rules: ``"zero"``, ``"weight"`` (the direction is ``w`` itself) or ``"filter"``.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown direction norm {norm!r}; choose one of {NORMS}")
+    if bias_bn not in BIAS_BN:
+        raise ValueError(f"unknown bias_bn rule {bias_bn!r}; choose one of {BIAS_BN}")
+    out: dict[str, Tensor] = {}
+    if norm == "global":
+        d_norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
+        w_norm = torch.sqrt(sum((weights[n].double() ** 2).sum() for n in direction))
+        factor = float(w_norm / d_norm.clamp_min(1e-30))
+        return {n: d * factor for n, d in direction.items()}
+    for name, d in direction.items():
+        w = weights[name].detach()
+        if norm == "none":
+            out[name] = d.clone()
+            continue
+        if w.dim() <= 1 and bias_bn != "filter":
+            out[name] = torch.zeros_like(d) if bias_bn == "zero" else w.clone()
+            continue
+        if norm == "layer":
+            out[name] = d * (w.norm() / d.norm().clamp_min(1e-30))
+            continue
+        rows_d, rows_w = _filter_rows(d), _filter_rows(w)
+        scale = rows_w.norm(dim=1, keepdim=True) / rows_d.norm(dim=1, keepdim=True).clamp_min(
+            1e-30)
+        out[name] = (rows_d * scale).reshape(d.shape)
+    return out
+
+
+def random_direction(
+    model: nn.Module,
+    *,
+    params: ParamSpec = None,
+    norm: str = "filter",
+    bias_bn: str = "zero",
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """A Gaussian random direction over the selected parameters, normalized by ``norm``.
+
+    Example (Li et al.'s 2D plot)::
+
+        g = torch.Generator().manual_seed(0)
+        d1, d2 = (fm.landscape.random_direction(model, generator=g) for _ in range(2))
+        res = fm.landscape.plane(model, F.cross_entropy, loader, d1, d2,
+                                 torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21))
+    """
+    selected = select_params(model, params)
+    device = generator.device if generator is not None else None
+    raw = {
+        n: torch.randn(p.shape, generator=generator, device=device or p.device,
+                       dtype=p.dtype).to(p.device)
+        for n, p in selected.items()
+    }
+    return normalize_direction(raw, {n: p.detach() for n, p in selected.items()}, norm=norm,
+                               bias_bn=bias_bn)
+
+
+def _check_directions(model: nn.Module, directions: Sequence[Mapping[str, Tensor]]
+                      ) -> list[str]:
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    names = list(directions[0])
+    if not names:
+        raise ValueError("direction is empty: it names no parameter")
+    for i, d in enumerate(directions):
+        if list(d) != names:
+            raise ValueError(f"direction {i} names different parameters than direction 0")
+        for n, t in d.items():
+            if n not in state:
+                raise ValueError(f"model has no parameter or buffer named {n!r}")
+            if t.shape != state[n].shape:
+                raise ValueError(f"direction entry {n!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(state[n].shape)}")
+    return names
+
+
+class PointEvaluator:
+    """Loss and accuracy of ``model`` at many flat weight vectors, ``chunk_size`` per pass.
+
+    ``names`` are the parameters (or floating-point buffers) that vary; everything else stays
+    at the model's values. ``w0`` is their flat vector at the model. :meth:`run` takes a
+    function ``points(start, stop) -> (stop - start, n)`` so callers build each chunk of weight
+    sets lazily (a grid ``w0 + C @ D``, a set of rays ``w0 + t_r u_r``) without materializing
+    all of them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        data: object,
+        names: Sequence[str],
+        *,
+        chunk_size: int | None = None,
+        train: bool = False,
+    ) -> None:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.model = model
+        self.loss_fn = torch.nn.functional.cross_entropy if loss_fn is None else loss_fn
+        self.batches = as_batches(data, model_device(model))
+        self.weights = batch_weights(self.batches)
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
+        base = {n: state[n].detach() for n in names}
+        self.flat = FlatParams.of(base)
+        self.w0 = self.flat.flatten(base)
+        self.fixed = {n: t.detach() for n, t in state.items() if n not in base}
+        self.train = train
+        if chunk_size is None:
+            per_point = max(1, self.w0.numel() * self.w0.element_size())
+            chunk_size = int(max(1, min(64, (256 * 2**20) // per_point)))
+        # BatchNorm cannot update running statistics under vmap: train mode goes point by point.
+        self.chunk_size = 1 if train else chunk_size
+
+    def _run_chunk(self, points: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        def one(wf: Tensor) -> tuple[Tensor, Tensor]:
+            out = functional_call(self.model, {**self.fixed, **self.flat.unflatten(wf)}, (x,))
+            return self.loss_fn(out, y), _accuracy(out, y)
+
+        if points.shape[0] == 1:
+            loss, acc = one(points[0])
+            return loss.reshape(1), acc.reshape(1)
+        return vmap(one)(points)
+
+    def run(self, points: Callable[[int, int], Tensor], num_points: int
+            ) -> tuple[Tensor, Tensor]:
+        """``(loss, accuracy)``, each ``(num_points,)`` float64 on the CPU."""
+        total_loss = torch.zeros(num_points, dtype=torch.float64)
+        total_acc = torch.zeros(num_points, dtype=torch.float64)
+        with measuring_mode(self.model, self.train), torch.no_grad():
+            for start in range(0, num_points, self.chunk_size):
+                stop = min(num_points, start + self.chunk_size)
+                chunk = points(start, stop).to(device=self.w0.device, dtype=self.w0.dtype)
+                for weight, (x, y) in zip(self.weights, self.batches, strict=True):
+                    try:
+                        loss, acc = self._run_chunk(chunk, x, y)
+                    except RuntimeError as err:  # a module vmap cannot batch: point by point
+                        if chunk.shape[0] == 1:
+                            raise
+                        warnings.warn(f"vmap failed ({err}); evaluating one point at a time",
+                                      RuntimeWarning, stacklevel=2)
+                        pairs = [self._run_chunk(chunk[i : i + 1], x, y)
+                                 for i in range(chunk.shape[0])]
+                        loss = torch.cat([p[0] for p in pairs])
+                        acc = torch.cat([p[1] for p in pairs])
+                    total_loss[start:stop] += weight * loss.double().cpu()
+                    total_acc[start:stop] += weight * acc.double().cpu()
+        return total_loss, total_acc
+
+
+def evaluate(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: object,
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    *,
+    chunk_size: int | None = None,
+    train: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Loss and accuracy at ``w + sum_j coords[p, j] * directions[j]`` for every row ``p``.
+
+    ``directions`` are dicts over the same parameter (or float buffer) names; ``coords`` is
+    ``(P, len(directions))``. Returns ``(loss, accuracy)``, each ``(P,)`` float64, the loss being
+    the size-weighted mean of ``loss_fn`` over the batches of ``data``. Weight sets are stacked
+    ``chunk_size`` at a time and run through one vmapped forward pass (default: as many as fit
+    in about 256 MB of stacked parameters, at most 64); ``train=True`` evaluates in train mode
+    one point at a time (BatchNorm statistics cannot be updated under vmap) and restores buffers.
+    """
+    if len(directions) == 0:
+        raise ValueError("need at least one direction")
+    coords = torch.as_tensor(coords, dtype=torch.float64)
+    if coords.dim() != 2 or coords.shape[1] != len(directions):
+        raise ValueError(f"coords must have shape (points, {len(directions)}), "
+                         f"got {tuple(coords.shape)}")
+    names = _check_directions(model, directions)
+    ev = PointEvaluator(model, loss_fn, data, names, chunk_size=chunk_size, train=train)
+    dmat = torch.stack([ev.flat.flatten(d).to(ev.w0) for d in directions])  # (D, n)
+    c = coords.to(device=ev.w0.device, dtype=ev.w0.dtype)
+    return ev.run(lambda a, b: ev.w0 + c[a:b] @ dmat, coords.shape[0])
+
+
+def _accuracy(out: Tensor, y: Tensor) -> Tensor:
+    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        return (out.argmax(dim=1) == y).to(out.dtype).mean()
+    return torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+
+
+def _coords_1d(alphas: Tensor | Sequence[float], name: str) -> Tensor:
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    if a.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if not torch.isfinite(a).all():
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def line(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: object,
+    direction: Mapping[str, Tensor],
+    alphas: Tensor | Sequence[float],
+    *,
+    chunk_size: int | None = None,
+    train: bool = False,
+) -> Landscape:
+    """Loss and accuracy along ``w + a * direction`` for each ``a`` in ``alphas`` (1D plot)."""
+    a = _coords_1d(alphas, "alphas")
+    loss, acc = evaluate(model, loss_fn, data, [direction], a[:, None], chunk_size=chunk_size,
+                         train=train)
+    return Landscape(loss, acc, (a,))
+
+
+def plane(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: object,
+    d1: Mapping[str, Tensor],
+    d2: Mapping[str, Tensor],
+    alphas: Tensor | Sequence[float],
+    betas: Tensor | Sequence[float],
+    *,
+    chunk_size: int | None = None,
+    train: bool = False,
+) -> Landscape:
+    """Loss and accuracy on the grid ``w + a d1 + b d2``: arrays of shape ``(len(a), len(b))``."""
+    a, b = _coords_1d(alphas, "alphas"), _coords_1d(betas, "betas")
+    ga, gb = torch.meshgrid(a, b, indexing="ij")
+    coords = torch.stack([ga.reshape(-1), gb.reshape(-1)], dim=1)
+    loss, acc = evaluate(model, loss_fn, data, [d1, d2], coords, chunk_size=chunk_size,
+                         train=train)
+    shape = (a.numel(), b.numel())
+    return Landscape(loss.reshape(shape), acc.reshape(shape), (a, b))
+
+
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loss_fn: LossFn | None,
+    data: object,
+    alphas: Tensor | Sequence[float] = tuple(i / 20 for i in range(-5, 26)),
+    *,
+    buffers: bool = True,
+    chunk_size: int | None = None,
+    train: bool = False,
+) -> Landscape:
+    """Loss and accuracy at ``(1 - a) w_a + a w_b`` (Goodfellow et al. 2015; Li et al. Fig. 2).
+
+    ``a = 0`` is ``model_a``, ``a = 1`` is ``model_b``; values outside [0, 1] extrapolate.
+    With ``buffers=True`` floating-point buffers (BatchNorm running statistics) are interpolated
+    too; otherwise ``model_a``'s are used throughout. The two models must share an architecture.
+    """
+    a = _coords_1d(alphas, "alphas")
+    state_a = dict(model_a.named_parameters()) | (
+        {n: b for n, b in model_a.named_buffers() if b.is_floating_point()} if buffers else {})
+    state_b = dict(model_b.named_parameters()) | dict(model_b.named_buffers())
+    direction = {}
+    for n, t in state_a.items():
+        if n not in state_b or state_b[n].shape != t.shape:
+            raise ValueError(f"models differ at {n!r}: they must share an architecture")
+        direction[n] = (state_b[n].detach() - t.detach()).to(t.dtype)
+    loss, acc = evaluate(model_a, loss_fn, data, [direction], a[:, None], chunk_size=chunk_size,
+                         train=train)
+    return Landscape(loss, acc, (a,))
