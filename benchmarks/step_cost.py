@@ -1,0 +1,149 @@
+"""Step cost of every method relative to Baseline, measured side by side in one run.
+
+For each model (an MLP and a small CNN) and each method, one training step is
+``method.backward(...)`` + ``opt.step()`` + ``opt.zero_grad()``. Methods are timed interleaved
+(round-robin over methods, many rounds) so that drift of the machine affects all alike; the table
+gives the median time per step and its ratio to Baseline's median. Peak memory is read from the
+PyTorch profiler's memory timeline: the largest total of tensor memory alive during one step
+(weights, gradients, optimizer state, activations, autograd graphs, perturbations, temporaries).
+
+    python benchmarks/step_cost.py [--rounds 30] [--out benchmarks/results/step_cost.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import flatminima as fm
+
+METHODS = {
+    "baseline": {},
+    "rpr": {"rho": 0.05},
+    "nrs": {"rho": 0.05, "alpha": 1.0},
+    "nrs (low_memory)": {"rho": 0.05, "alpha": 1.0, "low_memory": True},
+    "sam": {"rho": 0.05},
+    "asam": {"rho": 0.5},
+    "nso (k=1)": {"sigma": 0.01},
+    "smoothout": {"a": 0.01},
+    "adasmoothout": {"a": 0.01},
+    "rwp": {"gamma": 0.01},
+}
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    return model, torch.randn(256, 784), torch.randint(0, 10, (256,))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
+                nn.MaxPool2d(2)]
+
+    model = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
+                          nn.Linear(128 * 16, 10))
+    return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+def make_method(label: str) -> fm.Method:
+    return fm.create_method(label.split(" ")[0], **METHODS[label])
+
+
+def one_step(method, model, opt, x, y, gen) -> None:
+    method.backward(model, x, y, generator=gen)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+
+
+def peak_step_memory(method, model, opt, x, y, gen, tmp: Path) -> int:
+    """Bytes: the high-water mark of all tensor memory (weights, gradients, optimizer state,
+    activations, graphs, temporaries) during one step, from the profiler's memory timeline."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        one_step(method, model, opt, x, y, gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        prof.export_memory_timeline(str(tmp), device="cpu")
+    _, sizes = json.loads(tmp.read_text())
+    return int(max(sum(row) for row in sizes))
+
+
+def bench(model_fn, rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    base_model, x, y = model_fn()
+    states = {}
+    for label in METHODS:
+        torch.manual_seed(0)
+        model, _, _ = model_fn()
+        model.load_state_dict(base_model.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        method = make_method(label)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):  # warm-up, also creates grads and momentum buffers
+            one_step(method, model, opt, x, y, gen)
+        states[label] = (method, model, opt, gen)
+    times: dict[str, list[float]] = {label: [] for label in METHODS}
+    for _ in range(rounds):
+        for label, (method, model, opt, gen) in states.items():
+            t0 = time.perf_counter()
+            one_step(method, model, opt, x, y, gen)
+            times[label].append(time.perf_counter() - t0)
+    rows = []
+    base_t = statistics.median(times["baseline"])
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "timeline.json"
+        mem = {label: peak_step_memory(*s[:3], x, y, s[3], tmp) for label, s in states.items()}
+    for label in METHODS:
+        t = statistics.median(times[label])
+        rows.append({"method": label, "ms_per_step": 1e3 * t, "time_ratio": t / base_t,
+                     "peak_MiB": mem[label] / 2**20,
+                     "memory_ratio": mem[label] / mem["baseline"]})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}, Python {platform.python_version()}")
+    lines = ["# Step cost relative to Baseline (CPU)", "",
+             f"Machine: {machine}. Rounds: {args.rounds} (interleaved), median per step.", "",
+             "Command: `python benchmarks/step_cost.py`", ""]
+    results = {}
+    for name, fn, desc in [("mlp", mlp, "MLP 784-512-512-10, batch 256"),
+                           ("cnn", cnn, "CNN 3x(conv-BN-ReLU-pool) 32/64/128 + linear, "
+                                        "3x32x32 input, batch 64")]:
+        rows = bench(fn, args.rounds)
+        results[name] = rows
+        lines += [f"## {desc}", "",
+                  "| method | ms / step | time vs Baseline | peak memory (MiB) | "
+                  "memory vs Baseline |", "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['ms_per_step']:.1f} | {r['time_ratio']:.2f}x | "
+                         f"{r['peak_MiB']:.1f} | {r['memory_ratio']:.2f}x |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
