@@ -205,3 +205,16 @@ def test_registry_method_trains_and_round_trips_state(name):
             setattr(clone, k, v / 2)
     clone.load_state_dict(method.state_dict())
     assert clone.hparams() == method.hparams()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_runs_under_autocast_with_float32_gradients(name):
+    model = bn_net()
+    x, y = tiny_batch(dtype=torch.float32, n=16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = make(name).backward(model, x, y, scaler=scaler,
+                                     generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(result.loss)
+    for p in model.parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
