@@ -127,6 +127,12 @@ def _dist_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _kept(path: Path, epochs_done: int) -> str:
+    if epochs_done == 0:
+        return "no checkpoint was written (it diverged in the first epoch)"
+    return f"last good checkpoint (epoch {epochs_done}) kept in {str(path)!r}"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -264,7 +270,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at epoch {epoch + 1}, step {i + 1} (lr={lr:.4g}); "
-                        f"stopped, last good checkpoint kept in {str(ckpt_path)!r}")
+                        f"stopped, {_kept(ckpt_path, epoch)}")
                 if cfg.grad_clip is not None:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
@@ -292,9 +298,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, loader, loss_fn)
             row["time_s"] = round(time.time() - start, 3)
             if not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss")):
-                raise TrainingDiverged(f"evaluation loss is not finite after epoch {epoch + 1}; "
-                                       f"stopped, last good checkpoint kept in "
-                                       f"{str(ckpt_path)!r}")
+                raise TrainingDiverged(f"evaluation loss is not finite after epoch {epoch + 1} "
+                                       f"(lr={lr:.4g}); stopped, {_kept(ckpt_path, epoch)}")
             history.append(row)
             rngs = [ckpt.rng_state({"method": gen})]
             if world > 1:  # every rank's random state, so a resumed DDP run continues exactly
