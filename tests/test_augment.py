@@ -53,6 +53,14 @@ def test_random_crop_with_given_offsets_matches_slicing():
     assert (out[1, :, :8, 4:] != 0).all()
 
 
+def test_fused_crop_and_flip_equals_crop_then_mirror():
+    x = images(n=6)
+    dy, dx = torch.tensor([0, 1, 2, 3, 4, 8]), torch.tensor([8, 7, 0, 4, 2, 1])
+    mask = torch.tensor([True, False, True, True, False, True])
+    fused = random_crop(x, 4, offsets=(dy, dx), flip=mask)
+    assert torch.equal(fused, hflip(random_crop(x, 4, offsets=(dy, dx)), mask=mask))
+
+
 def test_random_crop_uses_every_offset():
     x = images(n=2000, c=1, h=3, w=3)
     x[:] = torch.arange(1, 10, dtype=torch.uint8).view(3, 3)

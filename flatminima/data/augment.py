@@ -34,30 +34,36 @@ def _check_batch(x: Tensor) -> None:
 
 
 def random_crop(x: Tensor, padding: int, *, generator: Generator = None,
-                offsets: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                offsets: tuple[Tensor, Tensor] | None = None,
+                flip: Tensor | None = None) -> Tensor:
     """Zero-pad by ``padding`` on every side, then crop each image at a random offset.
 
     ``offsets = (dy, dx)``, integer tensors of shape ``(N,)`` in ``[0, 2 * padding]``, fix the
     window instead of drawing it: output pixel ``(i, j)`` is padded pixel ``(i + dy, j + dx)``.
-    Implemented as two ``gather``s (rows, then columns), so it runs as a few kernels per batch.
+    ``flip`` (bool, ``(N,)``) mirrors the chosen images in the same pass, reading padded column
+    ``dx + W - 1 - j`` instead: crop then flip fused into one gather.
+    Implemented as one ``gather`` over the flattened padded images.
     """
     _check_batch(x)
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding!r}")
-    if padding == 0:
-        return x
     n, c, h, w = x.shape
     if offsets is None:
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     else:
         dy, dx = offsets
-    dy, dx = dy.to(x.device), dx.to(x.device)
-    xp = F.pad(x, (padding, padding, padding, padding))
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    xp = xp.gather(2, rows.expand(n, c, h, w + 2 * padding))
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    return xp.gather(3, cols.expand(n, c, h, w))
+    dev = x.device
+    dy, dx = dy.to(dev), dx.to(dev)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if flip is not None:
+        cols = torch.where(flip.to(dev)[:, None], w - 1 - cols, cols)
+    wp = w + 2 * padding
+    xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    idx = ((dy[:, None] + torch.arange(h, device=dev))[:, :, None] * wp
+           + (dx[:, None] + cols)[:, None, :])
+    out = xp.reshape(n, c, -1).gather(2, idx.view(n, 1, h * w).expand(n, c, h * w))
+    return out.view(n, c, h, w)
 
 
 def hflip(x: Tensor, p: float = 0.5, *, generator: Generator = None,
@@ -225,19 +231,21 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
     A length-1 ``mean``/``std`` applies to every channel or feature.
     """
-    xf = x.float()
-    if not x.is_floating_point():
-        xf = xf.div_(255.0)
     if len(mean) == 1:
+        xf = x.float() if x.is_floating_point() else x.float().div_(255.0)
         if mean[0] == 0.0 and std[0] == 1.0:
             return xf
         return (xf - mean[0]) / std[0]
     if x.dim() < 2 or x.shape[1] != len(mean):
         raise ValueError(f"{len(mean)} channel means for a batch of shape {tuple(x.shape)}")
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    m = torch.tensor(mean, device=x.device, dtype=xf.dtype).view(shape)
-    s = torch.tensor(std, device=x.device, dtype=xf.dtype).view(shape)
-    return (xf - m) / s
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    # One fused pass: x * (1 / (k std)) - mean / std, with k = 255 folded in for uint8 input.
+    k = 1.0 if x.is_floating_point() else 255.0
+    scale = (1.0 / (k * s)).to(device=x.device, dtype=torch.float32).view(shape)
+    bias = (-m / s).to(device=x.device, dtype=torch.float32).view(shape)
+    return torch.addcmul(bias, x.float(), scale)
 
 
 @dataclass
@@ -269,8 +277,10 @@ class Augment:
         if self.center_crop is not None:
             x = center_crop(x, self.center_crop)
         if self.crop_padding:
-            x = random_crop(x, self.crop_padding, generator=generator)
-        if self.flip:
+            # Crop and flip in one gather; the flip draws come first, then the offsets.
+            mask = (torch.rand(x.shape[0], generator=generator) < 0.5) if self.flip else None
+            x = random_crop(x, self.crop_padding, generator=generator, flip=mask)
+        elif self.flip:
             x = hflip(x, generator=generator)
         if self.resized_crop is not None or self.jitter is not None:
             x = x.float().div_(255.0) if not x.is_floating_point() else x
