@@ -113,8 +113,9 @@ def _decode_all(paths: Sequence[Path], mode: str, size: int | None, resize: int 
 
 
 def _resolve_tree(root: Path, archive: str | None, cache_dir: str | os.PathLike | None
-                  ) -> tuple[Path, str | None]:
-    """The directory holding ``train/`` and ``test/``, extracting an archive if that is needed."""
+                  ) -> tuple[Path, Path | None]:
+    """The directory holding ``train/`` and ``test/`` (extracting an archive if that is needed)
+    and the archive it came from, if any."""
     if archive is None and (root / "train").is_dir():
         return root, None
     if archive is None:
@@ -140,7 +141,14 @@ def _resolve_tree(root: Path, archive: str | None, cache_dir: str | os.PathLike 
         safe_extract(archive_path, tree)
         if not (tree / "train").is_dir():
             raise DataError(f"archive {archive_path} has no top-level train/ folder")
-    return tree, archive_path.name
+    return tree, archive_path
+
+
+def _list_tree(tree: Path) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
+    classes = find_classes(tree / "train")
+    train_paths, train_labels = list_images(tree / "train", classes)
+    test_paths, test_labels = list_images(tree / "test", classes)
+    return classes, train_paths, train_labels, test_paths, test_labels
 
 
 def default_cache_dir(root: Path) -> Path:
@@ -150,22 +158,23 @@ def default_cache_dir(root: Path) -> Path:
     return Path(os.environ.get("FLATMINIMA_CACHE", Path.home() / ".cache" / "flatminima"))
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 8192
-                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 ``(N, C, H, W)`` images, in [0, 1] units.
 
-    Accumulated in float64 over chunks, so a large set needs no float copy of itself.
+    Exact and cheap: a 256-bin histogram per channel, then the moments of the histogram in
+    float64 (population standard deviation).
     """
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    for i in range(0, x.shape[0], chunk):
-        xc = x[i:i + chunk].to(torch.float64).div_(255)
-        s += xc.sum(dim=(0, 2, 3))
-        s2 += xc.square().sum(dim=(0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / n
-    std = (s2 / n - mean.square()).clamp_min(1e-6).sqrt()
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    v = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1).to(torch.int64) if x.dtype != torch.uint8
+                                else x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = counts.sum()
+        m = (counts * v).sum() / n
+        var = (counts * v.square()).sum() / n - m.square()
+        means.append(float(m))
+        stds.append(float(var.clamp_min(1e-12).sqrt()))
+    return tuple(means), tuple(stds)
 
 
 def load_imagefolder(root: str | os.PathLike, *, archive: str | None = None,
@@ -189,26 +198,36 @@ def load_imagefolder(root: str | os.PathLike, *, archive: str | None = None,
     JPEG copy they come out at 0.4913/0.4821/0.4465, the figures published with it).
     """
     root = Path(root)
-    tree, archive_name = _resolve_tree(root, archive, cache_dir)
-    is_cifar_jpeg = archive_name == CIFAR10_JPEG_ARCHIVE or tree.name == "cifar10-jpeg"
-    classes = find_classes(tree / "train")
-    train_paths, train_labels = list_images(tree / "train", classes)
-    test_paths, test_labels = list_images(tree / "test", classes)
-    key = hashlib.sha256(repr((
-        [(str(p.relative_to(tree)), p.stat().st_size) for p in train_paths + test_paths],
-        image_size, resize, mode)).encode()).hexdigest()[:16]
-    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir(tree.parent)) \
-        / f".{tree.name}-{key}.npz"
+    tree, archive_path = _resolve_tree(root, archive, cache_dir)
+    is_cifar_jpeg = (archive_path is not None and archive_path.name == CIFAR10_JPEG_ARCHIVE) \
+        or tree.name == "cifar10-jpeg"
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    listing = None
+    if archive_path is not None:
+        # An archive identifies its tree: its size and time stamp key the cache, so a cached
+        # load needs no walk over tens of thousands of files.
+        st = archive_path.stat()
+        ident: object = (archive_path.name, st.st_size, st.st_mtime_ns)
+    else:
+        listing = _list_tree(tree)
+        ident = [(str(p.relative_to(tree)), p.stat().st_size)
+                 for p in listing[1] + listing[3]]
+    key = hashlib.sha256(repr((ident, image_size, resize, mode)).encode()).hexdigest()[:16]
+    cache = cache_root / f".{tree.name}-{key}.npz"
     arrays = None
     if use_cache and cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("x_train", "x_test")}
-        except (OSError, ValueError, KeyError):
+                arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
+        except (OSError, ValueError, KeyError, EOFError):
             arrays = None  # a damaged cache is rebuilt, never trusted
     if arrays is None:
+        classes, train_paths, train_labels, test_paths, test_labels = listing or _list_tree(tree)
         arrays = {"x_train": _decode_all(train_paths, mode, image_size, resize, num_threads),
-                  "x_test": _decode_all(test_paths, mode, image_size, resize, num_threads)}
+                  "y_train": np.asarray(train_labels, dtype=np.int64),
+                  "x_test": _decode_all(test_paths, mode, image_size, resize, num_threads),
+                  "y_test": np.asarray(test_labels, dtype=np.int64),
+                  "classes": np.asarray(classes, dtype=str)}
         if use_cache:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +243,10 @@ def load_imagefolder(root: str | os.PathLike, *, archive: str | None = None,
     mean, std = channel_stats(torch.from_numpy(x_train))
     name = "cifar10-jpeg" if is_cifar_jpeg else "imagefolder"
     label = label or (CIFAR10_JPEG_LABEL if is_cifar_jpeg else f"imagefolder:{tree}")
-    return ArrayData(torch.from_numpy(x_train), torch.tensor(train_labels, dtype=torch.int64),
-                     torch.from_numpy(x_test), torch.tensor(test_labels, dtype=torch.int64),
-                     num_classes=len(classes), input_shape=tuple(x_train.shape[1:]),
-                     mean=mean, std=std, name=name,
-                     label=label)
+    return ArrayData(torch.from_numpy(x_train), torch.from_numpy(arrays["y_train"]),
+                     torch.from_numpy(x_test), torch.from_numpy(arrays["y_test"]),
+                     num_classes=len(arrays["classes"]), input_shape=tuple(x_train.shape[1:]),
+                     mean=mean, std=std, name=name, label=label)
 
 
 __all__ = ["find_classes", "list_images", "decode_image", "load_imagefolder",
