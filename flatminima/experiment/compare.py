@@ -48,7 +48,7 @@ from flatminima.experiment.sweep import cell_config, run_cell
 DEFAULT_BASE: dict[str, Any] = {
     "dataset": "mnist1d", "model": "mlp", "val_split": 0.1, "optimizer": "sgd",
     "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "epochs": 30,
-    "batch_size": 100, "tensorboard": False,
+    "batch_size": 100, "tensorboard": False, "threads": 1,
 }
 DEFAULT_LRS = (0.05, 0.1, 0.2, 0.4)
 DEFAULT_SEEDS = (0, 1, 2)

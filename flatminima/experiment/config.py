@@ -40,7 +40,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Fields that change what is computed. The others (where to log, how chatty) may differ between
 # the run that wrote a checkpoint and the one that resumes it.
-_PRESENTATION_FIELDS = ("out", "quiet", "tensorboard", "device", "resume", "progress_desc")
+_PRESENTATION_FIELDS = ("out", "quiet", "tensorboard", "device", "resume", "progress_desc",
+                        "threads")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class Config:
     examples per class, symmetric ``label_noise``, and ``val_split``: the fraction of the training
     set held out (stratified, fixed by ``data_seed``) for model selection, so the test set is never
     used to choose hyperparameters.
+    ``threads`` sets ``torch.set_num_threads`` for the run (CPU; a resumed run must use the same
+    count to be bitwise identical; 1 is fastest for tiny models on a loaded machine).
     Optimization: ``optimizer`` SGD (``momentum``, ``nesterov``) or AdamW, decoupled or L2
     ``weight_decay``, a per-step ``schedule`` (cosine / step at ``milestones`` times ``gamma`` /
     constant) after ``warmup_epochs`` of linear warm-up, ``grad_clip`` on the global norm.
@@ -93,6 +96,7 @@ class Config:
     # reproducibility and output
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None
     out: str = "runs/train"
     resume: bool = True
     quiet: bool = False
@@ -167,6 +171,8 @@ def validate(cfg: Config) -> None:
         _in_range(key, getattr(cfg, key), 1)
     if cfg.subset_per_class is not None:
         _in_range("subset_per_class", cfg.subset_per_class, 1)
+    if cfg.threads is not None:
+        _in_range("threads", cfg.threads, 1)
     if cfg.grad_clip is not None:
         _in_range("grad_clip", cfg.grad_clip, 0, lo_open=True)
     for m in cfg.milestones:

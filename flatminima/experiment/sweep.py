@@ -162,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text = write_sweep_report(Path(args.report or runs / "report"), results.values(), base,
                               select, study, url)
-    if not args.quiet:
-        print(text, end="")
+    print(text, end="")
     return 0
 
 

@@ -187,6 +187,16 @@ def finished_metrics(out: str | Path, cfg: Config) -> dict[str, Any] | None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train one model as ``cfg`` says; return its final metrics (see the module doc)."""
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     from flatminima.data import DeviceLoader
     from flatminima.methods import create_method
 
