@@ -41,6 +41,9 @@ from flatminima.study.poison import PoisonedLoss, poison_targets
 from flatminima.study.tasks import Task
 from flatminima.study.train import accuracy, train_full_batch
 
+#: Tuning seed ``s`` initializes and perturbs its model with seed ``TUNE_SEED_OFFSET + s``.
+TUNE_SEED_OFFSET = 1000
+
 
 @dataclass
 class StudyConfig:
@@ -50,7 +53,7 @@ class StudyConfig:
     poison_factors: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
     methods: tuple[str, ...] = ("baseline", "rpr", "nrs", "sam", "nso")
     lr_grid: tuple[float, ...] = (0.002, 0.005, 0.01)
-    tune_seeds: tuple[int, ...] = (100,)
+    tune_seeds: tuple[int, ...] = (0,)
     steps: int = 3000
     cutoffs: tuple[float, ...] = (0.1, 0.5, 1.0)
     num_directions: int = 50
@@ -234,8 +237,9 @@ def run_study(task: Task, cfg: StudyConfig, log: Callable[[str], None] = print
     "models", "seconds"}`` with one record per trained model under ``"models"``."""
     cfg.validate()
     start = time.perf_counter()
-    tune_jobs = [Job("tune", m, lr, s) for m in cfg.methods for lr in cfg.lr_grid
-                 for s in cfg.tune_seeds]
+    # Tuning runs get seeds of their own, so no final model repeats a tuning run's draws.
+    tune_jobs = [Job("tune", m, lr, TUNE_SEED_OFFSET + s) for m in cfg.methods
+                 for lr in cfg.lr_grid for s in cfg.tune_seeds]
     log(f"{task.kind}: tuning {len(cfg.methods)} methods on {len(cfg.lr_grid)} learning rates")
     tune = _run_all(tune_jobs, task, cfg, log)
     lrs = select_lr(tune)

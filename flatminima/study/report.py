@@ -240,14 +240,18 @@ def findings(res: dict[str, Any]) -> list[str]:
             f"generalization gap {_trend(gap)} from {gap[0]:.3f} (clean) to {gap[-1]:.3f} "
             f"(factor {factors[-1]:g}), {verdict}.")
         smaller = vol[-1] < vol[0]
-        out.append(
-            f"The mean filter-normalized basin radius at train-loss cutoff {cut} {_trend(rad)} "
-            f"from {rad[0]:.4f} (clean) to {rad[-1]:.4f}, and the log10 volume from "
-            f"{vol[0]:.0f} to {vol[-1]:.0f}: the clean basin is about "
-            f"{abs(vol[0] - vol[-1]):.0f} orders of magnitude "
-            f"{'larger' if smaller else 'smaller'} than the most poisoned one (in a "
-            f"{res['num_params']:,}-dimensional weight space)"
-            + ("." if smaller else ", the opposite of the paper's finding."))
+        if not (math.isfinite(vol[0]) and math.isfinite(vol[-1])):
+            out.append(f"The basin at train-loss cutoff {cut} could not be compared: some models' "
+                       f"train loss is above the cutoff (no basin).")
+        else:
+            out.append(
+                f"The mean filter-normalized basin radius at train-loss cutoff {cut} {_trend(rad)} "
+                f"from {rad[0]:.4f} (clean) to {rad[-1]:.4f}, and the log10 volume from "
+                f"{vol[0]:.0f} to {vol[-1]:.0f}: the clean basin is about "
+                f"{abs(vol[0] - vol[-1]):.0f} orders of magnitude "
+                f"{'larger' if smaller else 'smaller'} than the most poisoned one (in a "
+                f"{res['num_params']:,}-dimensional weight space)"
+                + ("." if smaller else ", the opposite of the paper's finding."))
         if "margin_mean" in pm[factors[0]][0]:
             mg = [_mean([m["margin_mean"] for m in pm[f]]) for f in factors]
             out.append(f"The mean input-space margin of the training points {_trend(mg)} from "
@@ -361,8 +365,9 @@ def write_section(res: dict[str, Any], task: Any, out: Path, title: str) -> list
         rows.append([_label(meth), *accs, f"**{res['lr'][meth]:g}**"])
     md += [_table(["method", *[f"lr {g:g}" for g in grid], "chosen"], rows), ""]
     hp = {m["method"]: m["hparams"] for m in res["models"]}
-    md += ["Method hyperparameters (library defaults unless set): " + "; ".join(
-        f"{_label(k)} {v}" for k, v in hp.items() if v), ""]
+    if any(hp.values()):
+        md += ["Method hyperparameters (the library's defaults): " + "; ".join(
+            f"{_label(k)} {v}" for k, v in hp.items() if v), ""]
 
     md += ["### Poisoned models", ""]
     groups = [(f"poison {f:g}" if f else "clean", ms) for f, ms in pm.items()]
