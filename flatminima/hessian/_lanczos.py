@@ -76,13 +76,15 @@ def lanczos(
     which: str = "largest",
     generator: torch.Generator | None = None,
     restart_on_breakdown: bool = True,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> LanczosResult:
     """Run up to ``max_steps`` Lanczos steps from ``start``.
 
     With ``tol`` set, stop as soon as the ``k`` wanted Ritz values (``which="largest"``
     algebraic, or ``"magnitude"``) all have ``residual <= tol * max(|theta|, floor)``, where
     ``floor = sqrt(eps) * max|theta|`` keeps eigenvalues near zero from never converging. With
-    ``tol=None`` run all steps (SLQ wants a fixed number of nodes).
+    ``tol=None`` run all steps (SLQ wants a fixed number of nodes). ``callback(step, ritz,
+    residuals)`` is called after every step (progress, convergence studies).
     """
     n = start.numel()
     max_steps = min(max_steps, n)
@@ -109,6 +111,8 @@ def lanczos(
         # A breakdown means the Krylov space is invariant: the Ritz pairs of this block are exact.
         residuals = (0.0 if breakdown else b) * s[-1].abs()
         ritz, weights = theta, s[0] ** 2
+        if callback is not None:
+            callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
         can_restart = breakdown and restart_on_breakdown and basis.shape[0] < n

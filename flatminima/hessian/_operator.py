@@ -21,8 +21,9 @@ Hessian-vector products come in two flavours (``mode=``):
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``; each product re-runs the
   forward and backward with dual numbers, blocks of vectors through ``torch.func.vmap``.
 
-``"auto"`` picks double-backward with the graph kept when it fits (the winner on this
-project's CPU measurement, ``benchmarks/results/hessian.md``), forward-over-reverse otherwise.
+``"auto"`` picks double-backward for the Hessian: on this project's CPU measurement
+(``benchmarks/results/hessian.md``) it beat forward-over-reverse both with the graph kept and
+rebuilt per product. The GGN is always computed with forward-mode ``jvp`` and ``vjp``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class CurvatureOperator:
             # do it by default for a single batch only.
             cache_graph = len(self.batches) == 1
         if mode == "auto":
-            mode = "double_backward" if curvature == "hessian" else "forward_over_reverse"
+            mode = "double_backward"
         self.mode = mode
         self.cache_graph = bool(cache_graph)
         self.num_matvecs = 0

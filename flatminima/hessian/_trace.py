@@ -112,7 +112,7 @@ def trace(
     method: str = "hutch++",
     params: ParamSpec = None,
     generator: torch.Generator | None = None,
-    block: int = 8,
+    block: int | None = None,
     curvature: str = "hessian",
     mode: str = "auto",
     train: bool = False,
@@ -133,10 +133,12 @@ def trace(
         raise ValueError(f"unknown trace method {method!r}; choose one of {TRACE_METHODS}")
     if not isinstance(num_matvecs, int) or num_matvecs < 1:
         raise ValueError(f"num_matvecs must be a positive integer, got {num_matvecs!r}")
-    if not isinstance(block, int) or block < 1:
+    if block is not None and (not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be a positive integer, got {block!r}")
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
+        if block is None:
+            block = 1 if op.mode == "double_backward" and curvature == "hessian" else 8
         apply = _Blocked(op, block)
         if method == "hutchinson":
             return hutchinson(apply, op.size, num_matvecs, generator, op.w0)
