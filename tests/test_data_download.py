@@ -90,6 +90,10 @@ def test_safe_extract_extracts_a_clean_archive(tmp_path):
     arc = make_tar(tmp_path / "ok.tar.gz", [(regular("a/b.txt"), b"hi"), (regular("c.txt"), b"x")])
     safe_extract(arc, tmp_path / "out")
     assert (tmp_path / "out" / "a" / "b.txt").read_bytes() == b"hi"
+    # Extracting over an existing folder merges: files already there are kept.
+    (tmp_path / "out" / "a" / "mine.txt").write_text("keep")
+    safe_extract(arc, tmp_path / "out")
+    assert (tmp_path / "out" / "a" / "mine.txt").read_text() == "keep"
     safe_extract(arc, tmp_path / "only", members=["a"])
     assert (tmp_path / "only" / "a" / "b.txt").exists()
     assert not (tmp_path / "only" / "c.txt").exists()

@@ -11,6 +11,17 @@ import torch.nn.functional as F
 
 from flatminima.models import count_parameters, create_model, list_models
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small-batch passes gain nothing from intra-op threads, and on a CPU shared with
+    other jobs two threads can stall each other badly; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 EXPECTED_NAMES = {"mlp", "cnn1d", "cnn", "resnet18", "vgg16", "wrn28_10", "pyramidnet164", "vit",
                   "vit_b16", "vit_small", "resnet50", "resnet101"}
 

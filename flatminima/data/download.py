@@ -177,17 +177,26 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike,
                             shutil.copyfileobj(src, out, _CHUNK)
                     except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
                         raise DataError(f"corrupted archive {archive}: {e}") from None
-        # Move the extracted top-level entries into place only once everything was read.
-        for entry in tmp.iterdir():
-            final = dest / entry.name
-            if final.exists():
-                shutil.rmtree(final) if final.is_dir() else final.unlink()
-            os.replace(entry, final)
+        # Move the extracted entries into place only once everything was read.
+        _merge_into(tmp, dest)
     except zipfile.BadZipFile as e:
         raise DataError(f"corrupted archive {archive}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _merge_into(src: Path, dest: Path) -> None:
+    """Move the tree ``src`` into ``dest``: files replace files of the same name, folders merge
+    (nothing else already in ``dest`` is deleted)."""
+    for entry in src.iterdir():
+        final = dest / entry.name
+        if entry.is_dir() and final.is_dir():
+            _merge_into(entry, final)
+        else:
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(entry, final)
 
 
 def _wanted(name: str, members: Sequence[str] | None) -> bool:
