@@ -192,6 +192,8 @@ def test_registry_names_and_errors():
         get_dataset("digits", subset_per_class=0)
     with pytest.raises(ValueError):
         get_dataset("digits", label_noise=1.5)
+    with pytest.raises(ValueError, match="'digits' takes no option 'colour'"):
+        get_dataset("digits", colour=True)
 
 
 def test_mnist1d_is_generated_deterministically():

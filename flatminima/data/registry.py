@@ -75,10 +75,18 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, *, download: b
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
     fn, needs_root, _ = _DATASETS[name]
-    if needs_root:
-        data = fn(Path(root) if root is not None else default_root(), download=download, **kw)
-    else:
-        data = fn(seed=seed, **kw) if name == "spirals" else fn(**kw)
+    try:
+        if needs_root:
+            data = fn(Path(root) if root is not None else default_root(), download=download,
+                      **kw)
+        else:
+            data = fn(seed=seed, **kw) if name == "spirals" else fn(**kw)
+    except TypeError as e:
+        # An option this data set does not take: report it as a bad argument, by name.
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("unexpected keyword argument")[-1].strip()
+        raise ValueError(f"data set {name!r} takes no option {bad}") from None
     if subset_per_class is not None:
         data = subset(data, subset_per_class, seed=seed)
     if label_noise > 0:
