@@ -3,7 +3,7 @@
 Each example is a 1-D signal of 40 points made from one of ten digit templates by padding,
 shearing, translation and correlated plus i.i.d. noise. The package's defaults give 5,000
 examples split 4,000 / 1,000; the generator is deterministic in its ``seed`` (default 42, the
-package's own, which reproduces the published set).
+package's own default).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from flatminima.data.augment import Augment, make_augment
+from flatminima.data.augment import Augment, make_augment, normalize
 from flatminima.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -119,8 +119,6 @@ class ImageFolderStream:
             if isinstance(self.augment, Augment):
                 out = self.augment(xb, self.mean, self.std, gen)
             else:
-                from flatminima.data.augment import normalize
-
                 out = normalize(xb, self.mean, self.std)
                 if self.augment is not None:
                     out = self.augment(out, gen)

@@ -22,6 +22,8 @@ _URL = "http://ufldl.stanford.edu/housenumbers/"
 _MD5 = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
         "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
         "extra_32x32.mat": "a93ce644f1a588dc4d68dda5feec44a7"}
+# Channel statistics of the train split as commonly reported (not re-measured here: no copy of
+# SVHN is available offline).
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 
 
