@@ -139,7 +139,9 @@ def test_cuda_batches_equal_cpu_batches():
     kw = dict(batch_size=16, seed=5, augment="basic")
     cpu = collect(DeviceLoader(x, y, **kw))
     gpu = collect(DeviceLoader(x, y, device="cuda", **kw))
-    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    # Same draws, so the same crops, flips and order; normalization may differ in the last bit.
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-6)
 
 
 # ---- subsets and label noise ------------------------------------------------------------------
