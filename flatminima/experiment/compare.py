@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +112,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--runs", default=None, help="run folders and study (default: runs/compare)")
     p.add_argument("--out", default="reports/compare", help="report folder")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes on this machine, one thread each "
+                        "(default: number of CPU cores, at most 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; table only")
-    p.set_defaults(run=run)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -222,13 +226,34 @@ def measure_run(cfg: Config) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the command
 
+def _helper(url: str, cells: list[Cell], configs: dict[str, Config]) -> None:
+    """A helper process: one more worker on the same study (errors surface in the parent, which
+    runs a failed cell itself once the helper has released it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        GridWorker(url, "compare", select="val_acc").run(
+            cells, lambda c: run_cell(configs[c.key]), wait=False)
+    except Exception:
+        pass
+
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     runs = Path(args.runs or "runs/compare")
     cells = plan.cells()
     configs = {c.key: cell_config(plan.base, c, runs) for c in cells}  # validates everything
-    worker = GridWorker(storage_url(args.storage, runs / "study.db"), "compare",
-                        select="val_acc")
+    url = storage_url(args.storage, runs / "study.db")
+    worker = GridWorker(url, "compare", select="val_acc")
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers={workers}: must be >= 1")
+    # Helpers share the study with this process; the claim table hands each cell to one of them.
+    ctx = multiprocessing.get_context("spawn")
+    helpers = [ctx.Process(target=_helper, args=(url, cells, configs), daemon=True)
+               for _ in range(workers - 1)]
+    for h in helpers:
+        h.start()
     bar = progress(total=len(cells), desc="compare", quiet=args.quiet, unit="run", leave=False)
 
     def on_done(result: CellResult, here: bool) -> None:
@@ -238,7 +263,13 @@ def run(args: argparse.Namespace) -> int:
                             f"seed={result.cell.seed} val={v:.1f}" if isinstance(v, float)
                             else "diverged")
 
-    results = worker.run(cells, lambda c: run_cell(configs[c.key]), on_done=on_done)
+    try:
+        results = worker.run(cells, lambda c: run_cell(configs[c.key]), on_done=on_done)
+    finally:
+        for h in helpers:
+            h.join(timeout=60)
+            if h.is_alive():
+                h.terminate()
     bar.close()
     summaries = rep.summarize(results.values(), ("val_acc", "test_acc", "train_acc"))
     best = rep.best_per_group(summaries, plan.label, "val_acc")

@@ -49,7 +49,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random estimate")
     p.add_argument("--out", default=None, help="output folder (default <run>/measure)")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(run=run)
 
 
 def _checkpoint_path(run: str) -> Path:

@@ -67,7 +67,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--grace", type=float, default=60.0,
                    help="seconds without heartbeat after which a cell is taken over")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(run=run)
 
 
 def load_plan(path: str | None, overrides: Sequence[str], grid_items: Sequence[str],

@@ -137,12 +137,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def build_data(cfg: Config) -> dict[str, Any]:
-    """The data set split into train / val / test tensors, plus its shape information."""
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str | None, subset_per_class: int | None, label_noise: float,
+             seed: int) -> Any:
+    # Kept per process: a sweep or compare trains many cells on one data set, and generating
+    # MNIST-1D (or decoding image files) costs seconds each time. The tensors are never modified.
     from flatminima.data import get_dataset
 
-    data = get_dataset(cfg.dataset, cfg.data_root, subset_per_class=cfg.subset_per_class,
-                       label_noise=cfg.label_noise, seed=cfg.data_seed)
+    return get_dataset(name, root, subset_per_class=subset_per_class, label_noise=label_noise,
+                       seed=seed)
+
+
+def build_data(cfg: Config) -> dict[str, Any]:
+    """The data set split into train / val / test tensors, plus its shape information."""
+    data = _dataset(cfg.dataset, cfg.data_root, cfg.subset_per_class, cfg.label_noise,
+                    cfg.data_seed)
     x_tr, y_tr, x_val, y_val = split_validation(data.x_train, data.y_train, cfg.val_split,
                                                 cfg.data_seed)
     return {"data": data, "train": (x_tr, y_tr), "val": (x_val, y_val),

@@ -22,7 +22,6 @@ def add_parser(sub: Any) -> None:
                    help="an optional YAML file first, then overrides")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    p.set_defaults(run=run)
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:

@@ -1,0 +1,98 @@
+"""End-to-end runs of every command on tiny settings (seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flatminima.experiment import cli
+from flatminima.experiment.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset=digits", "model=mlp", "model.widths=[8]", "threads=1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_from_yaml_with_overrides_saves_resolved_config(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("dataset: digits\nmodel: mlp\nmodel_args: {widths: [8]}\nmethod: nrs\n"
+                 "hparams: {rho: 0.1}\nepochs: 3\noptimizer: adamw\nlr: 0.01\n"
+                 "schedule: step\nwarmup_epochs: 1\nlabel_smoothing: 0.1\n")
+    out = tmp_path / "run"
+    assert main(["train", str(f), "alpha=0.5", "epochs=2", f"out={out}", "-q", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["hparams"] == {"rho": 0.1, "alpha": 0.5} and saved["epochs"] == 2
+    assert saved["optimizer"] == "adamw" and saved["momentum"] == 0.9  # defaults filled in
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[-1]["test_acc"]) == pytest.approx(metrics["test_acc"])
+    assert any((out / "tb").iterdir())  # TensorBoard events
+    # Run again: finished, so it returns the stored metrics without training.
+    assert main(["train", str(f), "alpha=0.5", "epochs=2", f"out={out}", "-q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == metrics["test_acc"]
+
+
+def test_measure_writes_numbers_and_plots(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "epochs=1", "tensorboard=false", f"out={run}", "-q"]) == 0
+    assert main(["measure", str(run), "--examples", "200", "--k", "2", "--trace-matvecs", "12",
+                 "--samples", "3", "--line", "7", "--plane", "5", "--basin", "3", "-q"]) == 0
+    res = json.loads((run / "measure" / "measures.json").read_text())
+    assert len(res["hessian_eigenvalues"]) == 2
+    assert res["hessian_eigenvalues"][0] >= res["hessian_eigenvalues"][1]
+    assert res["divergence"] >= 0 and res["hessian_trace"] > 0
+    assert len(res["line"]["loss"]) == 7 and len(res["plane"]["loss"]) == 5
+    # the line passes through the trained weights: its middle point is the clean loss
+    for name in ("landscape_1d.png", "landscape_2d.png"):
+        assert (run / "measure" / name).read_bytes()[:8] == PNG
+    assert "measurements and plots" in capsys.readouterr().out
+
+
+def test_compare_tiny_writes_table_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["compare", *TINY, "--methods", "baseline,nrs", "--lrs", "0.05,0.2", "--seeds", "2",
+            "--epochs", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
+            "--workers", "1", "-q"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "by mean validation accuracy" in text and "test set never used" in text
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [r["method"] for r in rows] == ["Baseline", "NRS", "NRS alpha=0", "NRS rho=0"]
+    assert all("±" in r["test acc"] and r["lr"].split()[0] in ("0.05", "0.2") for r in rows)
+    for name in ("test_accuracy_curves.png", "final_accuracy.png", "hessian_top.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert (out / "table.md").read_text().count("\n|") >= 5
+    # A second compare reuses every finished run (nothing retrained) and rewrites the report.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/last.pt")}
+    assert len(stamps) == 16
+    assert main(argv) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_default_config_file_matches_embedded_default():
+    from flatminima.experiment.compare import default_config_values
+
+    assert yaml.safe_load((ROOT / "configs" / "compare.yaml").read_text()) \
+        == default_config_values()
+
+
+def test_missing_subcommand_module_breaks_only_itself(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "study", "flatminima.no_such_module")
+    assert main(["study"]) == 2
+    assert "command 'study' is unavailable" in capsys.readouterr().err
+    assert main(["train", *TINY, "epochs=1", "tensorboard=false", f"out={tmp_path / 'r'}",
+                 "-q"]) == 0
+
+
+def test_version_and_module_entry_point():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flatminima", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip()
