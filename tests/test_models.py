@@ -256,3 +256,28 @@ def test_torch_compile_matches_eager(name):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape,kw", [
+    ("mlp", (40,), {}), ("cnn1d", (40,), {}), ("cnn", (3, 16, 16), {}),
+    ("resnet18", (3, 8, 8), {}), ("vit", (3, 16, 16), {"dim": 32, "depth": 2, "heads": 4}),
+])
+def test_vmap_over_weight_sets_matches_separate_calls(name, shape, kw):
+    # The methods evaluate several perturbed weight sets in one pass with torch.func; the models
+    # must be pure functions of (params, buffers, input) for that.
+    import warnings
+
+    from torch.func import functional_call, vmap
+
+    torch.manual_seed(0)
+    model = create_model(name, 5, shape, **kw).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    stacked = {k: torch.stack([v, v + 0.01 * torch.randn_like(v)]) for k, v in params.items()}
+    x = torch.randn(3, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # fused attention has no batching rule
+        out = vmap(lambda p: functional_call(model, (p, buffers), (x,)))(stacked)
+    for i in range(2):
+        ref = functional_call(model, ({k: v[i] for k, v in stacked.items()}, buffers), (x,))
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
