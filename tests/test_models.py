@@ -113,15 +113,28 @@ def test_pyramidnet164_default_is_alpha_270_bottleneck():
         "pyramidnet164", 10, (3, 32, 32))
 
 
+def vit_count(patch: int, tokens: int, d: int, depth: int, m: int, classes: int) -> int:
+    """Closed form: patch embedding, class token, positions, ``depth`` blocks of (2 LayerNorms +
+    QKV + projection + MLP), final LayerNorm, head."""
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+    return (3 * patch * patch * d + d) + d + (tokens + 1) * d + depth * block + 2 * d \
+        + (d * classes + classes)
+
+
 def test_vit_b16_count():
     # Dosovitskiy et al. 2021, Table 1: ViT-Base 86M; timm's vit_base_patch16_224 (1000 classes,
-    # 224x224): 86,567,656. Closed form: patch embedding, class token, 197 positions, 12 blocks
-    # of (2 LayerNorms + QKV + projection + MLP), final LayerNorm, head.
-    d, m = 768, 3072
-    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
-    total = (3 * 16 * 16 * d + d) + d + 197 * d + 12 * block + 2 * d + (d * 1000 + 1000)
+    # 224x224): 86,567,656.
+    total = vit_count(16, 196, 768, 12, 3072, 1000)
     assert total == 86_567_656
     assert meta_count("vit_b16", 1000, (3, 224, 224)) == total
+
+
+def test_vit_small_count_closed_form():
+    # The 32x32 preset (no published counterpart): 4x4 patches -> 64 tokens, dim 256, depth 6,
+    # MLP 512.
+    assert meta_count("vit_small", 10, (3, 32, 32)) == vit_count(4, 64, 256, 6, 512, 10)
+    assert meta_count("vit", 100, (3, 32, 32), patch_size=8, dim=64, depth=3, heads=2,
+                      mlp_dim=96) == vit_count(8, 16, 64, 3, 96, 100)
 
 
 def test_small_model_counts_closed_form():
@@ -131,6 +144,9 @@ def test_small_model_counts_closed_form():
     # cnn1d: MNIST-1D's reference ConvBase (25 channels; kernels 5, 3, 3; stride 2; 40 -> 5
     # positions; linear 125 -> 10): 150 + 1900 + 1900 + 1260.
     assert meta_count("cnn1d", 10, (40,)) == 5210
+    # cnn: conv 3->32 and 32->64 (no bias, BN scale and shift), head 64 -> 128 -> 10.
+    assert meta_count("cnn", 10, (3, 32, 32)) == (27 * 32 + 64) + (9 * 32 * 64 + 128) \
+        + (64 * 128 + 128) + (128 * 10 + 10)
 
 
 # ---- forward / backward ---------------------------------------------------------------------
