@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from flatminima.experiment.config import ConfigError, load_config
@@ -46,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     extra = {"quiet": True} if args.quiet else {}
     cfg = load_config(path, overrides, **extra)
     metrics = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=1))
-    elif not cfg.quiet and int(metrics.get("world_size", 1)) >= 1:
+    elif not cfg.quiet:
         parts = [f"{k}={metrics[k]:.2f}" for k in ("train_acc", "val_acc", "test_acc")
                  if k in metrics]
         print(f"{cfg.method}: {', '.join(parts)}  (run folder {cfg.out})")
