@@ -96,3 +96,22 @@ def test_version_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "flatminima", "--version"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    import argparse
+
+    from flatminima.experiment.compare import make_plan
+    from flatminima.experiment.config import load_config
+    from flatminima.experiment.sweep import load_plan
+
+    if path.name.startswith("sweep"):
+        assert load_plan(str(path), [], [], None)[1]
+    elif path.name.startswith("compare"):
+        args = argparse.Namespace(items=[str(path)], methods=None, lrs=None, seeds=None,
+                                  epochs=None, no_controls=False)
+        plan = make_plan(args)
+        assert "NRS rho=0" in plan.variants and len(plan.cells()) == 72
+    else:
+        assert load_config(path).epochs >= 1
