@@ -42,6 +42,7 @@ BAD_INPUTS = [
     (["train", "{tmp}/list.yaml"], "expected a mapping of key: value"),
     ([*TRAIN, "model.depth=3"], "model 'mlp': mlp() got an unexpected keyword argument 'depth'"),
     ([*TRAIN, "dataset=imagefolder", "data_root={tmp}/nodata"], "no image folder in"),
+    ([*TRAIN, "out={tmp}/corrupt"], "is corrupted or not a checkpoint"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["nocommand"], "invalid choice: 'nocommand'"),
     (["measure", "{tmp}/nowhere"], "no checkpoint found"),
@@ -67,6 +68,8 @@ def files(tmp_path):
     (tmp_path / "sweep.yaml").write_text("grids: {lr: [0.1]}\n")
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
     torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "last.pt").write_bytes(b"PK\x03\x04 truncated zip")
     return tmp_path
 
 
@@ -84,3 +87,4 @@ def test_bad_input_is_one_line_exit_2(argv, needle, files, capsys, monkeypatch):
     assert needle.replace("{tmp}", str(files)) in out.err, out.err
     assert "Traceback" not in out.err
     assert sorted(p.name for p in files.iterdir()) == before  # nothing written
+    assert sorted(p.name for p in (files / "corrupt").iterdir()) == ["last.pt"]
