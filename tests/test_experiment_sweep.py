@@ -165,3 +165,19 @@ def test_sweep_file_with_list_and_select(tmp_path, capsys):
     assert main(["sweep", str(f), "--runs", str(tmp_path / "runs"), "-q"]) == 0
     out = capsys.readouterr().out
     assert "by mean test_acc" in out and "rho=0.1" in out
+
+
+def test_claim_of_a_dead_local_process_is_taken_over_at_once(tmp_path):
+    import socket
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cells = expand({"lr": [0.1]}, [0])
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = GridWorker(url, "s", grace_s=1000.0)
+    dead.owner = f"{socket.gethostname()}:{proc.stdout.strip()}:gone"
+    assert dead._try_claim(cells[0], None)
+    ran = []
+    GridWorker(url, "s", grace_s=1000.0, poll_s=0.05).run(
+        cells, lambda c: ran.append(c.key) or {"val_acc": 1.0})
+    assert ran == [cells[0].key]

@@ -12,8 +12,9 @@ claimed through one extra table in the same database, ``flatminima_cells`` with 
 database grants to exactly one worker. A running worker refreshes its claim's heartbeat; a claim
 whose heartbeat is older than ``grace_s`` (its worker was killed) is taken over with a
 compare-and-set ``UPDATE ... WHERE owner = <old owner> AND heartbeat = <old heartbeat>``, again
-granted to one worker only. So a restarted sweep runs only the missing cells, and no cell is run
-twice at once. (Heartbeats use each worker's wall clock: keep machine clocks in sync, within
+granted to one worker only; a claim of a process on the same machine that no longer exists is
+taken over at once. So a restarted sweep runs only the missing cells, and no cell is run twice at
+once. (Heartbeats use each worker's wall clock: keep machine clocks in sync, within
 ``grace_s``.)
 """
 
@@ -77,6 +78,25 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         except (ValueError, ImportError, sa.exc.ArgumentError) as e:
             raise ConfigError(f"storage {url!r}: {' '.join(str(e).split())[:200]}") from None
     raise ConfigError(f"storage {url!r}: cannot open ({' '.join(str(last).split())[:200]})")
+
+
+def _dead_local_owner(owner: str) -> bool:
+    """True when ``owner`` (``host:pid:tag``) ran on this machine and its process is gone, so its
+    claim can be taken over at once instead of after ``grace_s``."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but belongs to someone else
+        return False
+    return False
 
 
 class GridWorker:
@@ -231,7 +251,8 @@ class GridWorker:
             ran = False
             for cell in pending:
                 row = claims.get(cell.key)
-                if row is not None and now - row["heartbeat"] <= self.grace_s:
+                if row is not None and now - row["heartbeat"] <= self.grace_s \
+                        and not _dead_local_owner(row["owner"]):
                     continue  # another worker holds it and is alive
                 if not self._try_claim(cell, row):
                     continue
