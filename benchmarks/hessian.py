@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flatminima.hessian as fh  # noqa: E402
+from flatminima._params import last_layer_names  # noqa: E402
 from flatminima.hessian._lanczos import lanczos, rademacher  # noqa: E402
 from flatminima.hessian._operator import CurvatureOperator  # noqa: E402
 
@@ -237,20 +238,37 @@ def bench_hvp(model, x, y, repeats: int) -> dict:
 
 
 # --- 2. top eigenvalue ------------------------------------------------------------------------
-def reference_top(model, batch, k: int) -> torch.Tensor:
+def reference_top(model, batch, k: int, params=None) -> torch.Tensor:
     return fh.eigenvalues(model, F.cross_entropy, batch, k=k, tol=1e-9, max_iter=400,
-                          generator=torch.Generator().manual_seed(1234)).double()
+                          params=params, generator=torch.Generator().manual_seed(1234)).double()
 
 
-def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int) -> dict:
-    ref = reference_top(model, batch, k)
+class only_trainable:
+    """PyHessian measures every parameter with requires_grad: freeze the others meanwhile."""
+
+    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+        self.model, self.names = model, names
+
+    def __enter__(self) -> None:
+        if self.names is not None:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(n in self.names)
+
+    def __exit__(self, *exc) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+
+def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=None) -> dict:
+    ref = reference_top(model, batch, k, params)
+    names = last_layer_names(model) if params == "last_layer" else None
     rows = []
     for seed in seeds:
         row = {"seed": seed}
         # flatminima, its own stopping rule
         with OurCounter() as c:
             t0 = time.perf_counter()
-            ours = fh.eigenvalues(model, F.cross_entropy, batch, k=k, tol=1e-3,
+            ours = fh.eigenvalues(model, F.cross_entropy, batch, k=k, tol=1e-3, params=params,
                                   generator=torch.Generator().manual_seed(seed)).double()
             row["ours_s"] = time.perf_counter() - t0
         row["ours_matvecs"] = c.calls
@@ -258,7 +276,7 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int) -> dict:
         # flatminima, oracle stop: first Lanczos step with the top-k Ritz values within 1e-3
         if k == 1:
             t0 = time.perf_counter()
-            op = CurvatureOperator(model, F.cross_entropy, batch)
+            op = CurvatureOperator(model, F.cross_entropy, batch, params)
             hist = []
 
             def cb(step, ritz, _res, hist=hist, t0=t0):
@@ -272,7 +290,7 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int) -> dict:
             row["ours_oracle_matvecs"], row["ours_oracle_s"] = hit if hit else (None, None)
         if pyhessian is not None:
             torch.manual_seed(seed)
-            with Counter() as c:
+            with Counter() as c, only_trainable(model, names):
                 t0 = time.perf_counter()
                 hc = pyhessian_for(model, batch)
                 vals, _ = hc.eigenvalues(maxIter=100, tol=1e-3, top_n=k)
@@ -282,7 +300,8 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int) -> dict:
             row["pyh_rel_err"] = float(((got - ref).abs() / ref.abs()).max())
             if k == 1:
                 torch.manual_seed(seed)
-                with Counter(record=True, stop_at=(float(ref[0]), 1e-3)) as c:
+                with (Counter(record=True, stop_at=(float(ref[0]), 1e-3)) as c,
+                      only_trainable(model, names)):
                     hc = pyhessian_for(model, batch)
                     hc.eigenvalues(maxIter=pyh_iter, tol=0.0, top_n=1)
                 hit = first_within(c.trace, float(ref[0]), 1e-3)
@@ -379,14 +398,21 @@ def write_report(res: dict) -> str:
         f"`mode=\"auto\"`: {res['decision']}",
         "",
     ]
-    for key, title in (("eigen_k1", "top eigenvalue"), ("eigen_k5", "top 5 eigenvalues")):
+    scenarios = (
+        ("eigen_k1", f"2a. Top eigenvalue, CNN, all {env['cnn_params']} parameters"),
+        ("eigen_last", "2b. Top eigenvalue, CNN, last layer only (the NRS paper's Table 3 "
+                       "measure)"),
+        ("eigen_mlp", f"2c. Top eigenvalue, MLP, all {env['mlp_params']} parameters"),
+        ("eigen_k5", "2d. Top 5 eigenvalues, CNN"),
+    )
+    for key, title in scenarios:
         if key not in res:
             continue
         e = res[key]
         rows = e["runs"]
+        one = len(e["reference"]) == 1
         lines += [
-            f"## 2. {title.capitalize()} to 1e-3 relative error (CNN; median over "
-            f"{len(rows)} start vectors)",
+            f"## {title}: to 1e-3 relative error (median over {len(rows)} start vectors)",
             "",
             "Reference (Lanczos to residual 1e-9): "
             + ", ".join(f"{v:.6g}" for v in e["reference"]),
@@ -402,7 +428,7 @@ def write_report(res: dict) -> str:
                 f"| PyHessian power iteration | relative change < 1e-3 (default) | "
                 f"{med(rows, 'pyh_matvecs'):.0f} | {med(rows, 'pyh_s'):.2f} | "
                 f"{med(rows, 'pyh_rel_err'):.1e} |")
-        if key == "eigen_k1":
+        if one:
             lines.append(
                 f"| flatminima Lanczos | oracle: first step within 1e-3 | "
                 f"{med(rows, 'ours_oracle_matvecs'):.0f} | {med(rows, 'ours_oracle_s'):.2f} | "
@@ -417,7 +443,7 @@ def write_report(res: dict) -> str:
             lines += ["", f"Speed-up at each library's own stopping rule: median "
                       f"{statistics.median(speed):.1f}x (per start vector: "
                       f"{', '.join(f'{s:.1f}x' for s in speed)})."]
-            if key == "eigen_k1":
+            if one:
                 ok = [r for r in rows if r.get("pyh_oracle_s") and r.get("ours_oracle_s")]
                 if ok:
                     sp = [r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok]
@@ -488,7 +514,13 @@ def main() -> int:
     )
     seeds = [0, 1] if args.quick else [0, 1, 2]
     print("top eigenvalue ...", flush=True)
-    res["eigen_k1"] = bench_eigen(model_cnn, batch, seeds, 1, pyh_iter=60 if args.quick else 150)
+    pyh_iter = 60 if args.quick else 150
+    res["eigen_k1"] = bench_eigen(model_cnn, batch, seeds, 1, pyh_iter=pyh_iter)
+    print("top eigenvalue of the last layer ...", flush=True)
+    res["eigen_last"] = bench_eigen(model_cnn, batch, seeds, 1, pyh_iter=pyh_iter,
+                                    params="last_layer")
+    print("top eigenvalue of the MLP ...", flush=True)
+    res["eigen_mlp"] = bench_eigen(model_mlp, batch, seeds, 1, pyh_iter=pyh_iter)
     if args.top5:
         print("top 5 eigenvalues ...", flush=True)
         res["eigen_k5"] = bench_eigen(model_cnn, batch, seeds[:2], 5, pyh_iter=0)

@@ -40,6 +40,7 @@ from flatminima._params import (
     ParamSpec,
     as_batches,
     batch_weights,
+    measuring_mode,
     model_device,
     select_params,
 )
@@ -237,8 +238,6 @@ def hvp(
         hv = fm.hessian.hvp(model, F.cross_entropy, (x, y), {n: torch.ones_like(p)
                              for n, p in model.named_parameters()})
     """
-    from flatminima._params import measuring_mode
-
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
         if isinstance(v, dict):
