@@ -133,3 +133,17 @@ def test_bad_inputs():
         fl.line(model, None, batch, d, [])
     with pytest.raises(ValueError, match="'fc.weight'"):
         fl.random_direction(model, params=["fc.weight"])
+
+
+def test_many_weight_sets_share_one_forward_call():
+    model, batch = small_net(6), data()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda _m, _i: calls.append(1))
+    try:
+        d1 = fl.random_direction(model, generator=gen(1))
+        d2 = fl.random_direction(model, generator=gen(2))
+        fl.plane(model, None, batch, d1, d2, torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 5),
+                 chunk_size=10)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # 30 grid points, 10 weight sets per vmapped forward
