@@ -54,7 +54,7 @@ class StudyConfig:
     methods: tuple[str, ...] = ("baseline", "rpr", "nrs", "sam", "nso")
     lr_grid: tuple[float, ...] = (0.002, 0.005, 0.01)
     tune_seeds: tuple[int, ...] = (0,)
-    steps: int = 3000
+    steps: int = 4000
     cutoffs: tuple[float, ...] = (0.1, 0.5, 1.0)
     num_directions: int = 50
     rollout_directions: int = 10
