@@ -222,3 +222,29 @@ def test_cli_arguments_parse_into_configs() -> None:
     args = parser.parse_args(["study", "generalization", "--seeds", "3-5", "--lrs", "x"])
     with pytest.raises(ValueError, match="--lrs"):
         cli.configs(args)
+
+
+def test_tiny_study_end_to_end_writes_a_consistent_report(tmp_path) -> None:
+    import json
+
+    from flatminima.study.pipeline import run_study
+    from flatminima.study.report import write_report
+
+    task = spirals_task(n_per_class=30)
+    cfg = StudyConfig(seeds=(0,), poison_factors=(0.0, 0.5), methods=("baseline",),
+                      lr_grid=(0.003, 0.01), steps=20, cutoffs=(1.0,), num_directions=3,
+                      rollout_directions=2, rollout_points=5, grid_resolution=40)
+    res = run_study(task, cfg, log=lambda _msg: None)
+    assert res["lr"]["baseline"] in cfg.lr_grid
+    assert len(res["tune"]) == 2 and len(res["models"]) == 2
+    clean = next(m for m in res["models"] if m["poison_factor"] == 0.0)
+    assert clean["gap"] == pytest.approx(clean["train_acc"] - clean["test_acc"])
+    path = write_report([(res, task, "Two spirals")], tmp_path / "rep", command="test")
+    text = path.read_text()
+    assert "## Two spirals" in text and "### Findings" in text
+    assert f"{clean['test_acc']:.3f}" in text
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (path.parent / line[line.index("(") + 1:-1]).is_file()
+    saved = json.loads((path.parent / "results.json").read_text())
+    assert saved[0]["models"][0]["test_acc"] == res["models"][0]["test_acc"]
