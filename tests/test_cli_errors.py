@@ -58,6 +58,7 @@ BAD_INPUTS = [
     (["compare", "--lrs", "0.1,-1"], "lrs='0.1,-1': need positive numbers"),
     (["compare", "val_split=0"], "val_split must be > 0 for compare"),
     (["compare", "rho=-1"], "rho must be a finite number >= 0"),
+    (["compare", "--measure-examples", "0"], "--measure-examples=0: must be >= 1"),
 ]
 
 

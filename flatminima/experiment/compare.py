@@ -111,6 +111,9 @@ def add_parser(sub: Any) -> None:
                    help="leave out the NRS alpha=0 and rho=0 controls")
     p.add_argument("--no-measure", action="store_true",
                    help="skip the Hessian eigenvalue and model divergence")
+    p.add_argument("--measure-examples", type=int, default=MEASURE_EXAMPLES,
+                   help=f"training examples for the Hessian and divergence "
+                        f"(default {MEASURE_EXAMPLES})")
     p.add_argument("--runs", default=None, help="run folders and study (default: runs/compare)")
     p.add_argument("--out", default="reports/compare", help="report folder")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file)")
@@ -196,11 +199,11 @@ def _config_fields() -> set[str]:
 
 # ----------------------------------------------------------------------------- measurements
 
-def measure_run(cfg: Config) -> dict[str, float]:
+def measure_run(cfg: Config, examples: int = MEASURE_EXAMPLES) -> dict[str, float]:
     """Top Hessian eigenvalue and model divergence of a finished run, on a fixed subset of its
     training data (cached in the run folder)."""
     cache = Path(cfg.out) / "measures.json"
-    key = {"examples": MEASURE_EXAMPLES, "rho": DIVERGENCE_RHO, "samples": DIVERGENCE_SAMPLES}
+    key = {"examples": examples, "rho": DIVERGENCE_RHO, "samples": DIVERGENCE_SAMPLES}
     if cache.is_file():
         try:
             saved = json.loads(cache.read_text())
@@ -213,7 +216,7 @@ def measure_run(cfg: Config) -> dict[str, float]:
     from flatminima.experiment.measure import load_run, measure_batch
     from flatminima.experiment.train import loss_function
 
-    model, data_batch, _ = load_run(cfg, examples=MEASURE_EXAMPLES)
+    model, data_batch, _ = load_run(cfg, examples=examples)
     loss_fn = loss_function(cfg)
     from flatminima import hessian
 
@@ -241,6 +244,8 @@ def _helper(url: str, cells: list[Cell], configs: dict[str, Config]) -> None:
         pass
 
 def run(args: argparse.Namespace) -> int:
+    if args.measure_examples < 1:
+        raise ConfigError(f"--measure-examples={args.measure_examples}: must be >= 1")
     plan = make_plan(args)
     runs = Path(args.runs or "runs/compare")
     cells = plan.cells()
@@ -282,8 +287,9 @@ def run(args: argparse.Namespace) -> int:
                 if r.metrics.get("status") == "ok"]
         mbar = progress(todo, desc="measure", quiet=args.quiet, unit="run", leave=False)
         for label, r in mbar:
-            measures.setdefault(label, []).append(measure_run(configs[r.cell.key]))
-    text = write_report(Path(args.out), plan, best, measures, summaries)
+            measures.setdefault(label, []).append(
+                measure_run(configs[r.cell.key], args.measure_examples))
+    text = write_report(Path(args.out), plan, best, measures, summaries, args.measure_examples)
     print(text, end="")
     return 0
 
@@ -325,14 +331,15 @@ def table(plan: Plan, best: Mapping[str, rep.SettingSummary],
 
 def write_report(out: Path, plan: Plan, best: Mapping[str, rep.SettingSummary],
                  measures: Mapping[str, list[dict[str, float]]],
-                 summaries: Sequence[rep.SettingSummary]) -> str:
+                 summaries: Sequence[rep.SettingSummary],
+                 measure_examples: int = MEASURE_EXAMPLES) -> str:
     from flatminima import plots
 
     title, header, rows = table(plan, best, measures)
     with rep.atomic_dir(out) as tmp:
         note = (f"Model divergence: E_u KL(f_w || f_(w+u)), u uniform in a filter-relative ball "
                 f"of radius {DIVERGENCE_RHO}, {DIVERGENCE_SAMPLES} samples; Hessian eigenvalue "
-                f"and divergence on {MEASURE_EXAMPLES} training examples, eval mode.\n")
+                f"and divergence on {measure_examples} training examples, eval mode.\n")
         atomic_write_text(tmp / "table.md", f"{title}\n\n" + rep.markdown_table(header, rows)
                           + "\n" + note)
         atomic_write_text(tmp / "table.csv", rep.csv_text(header, rows))
