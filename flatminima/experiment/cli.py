@@ -95,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flatminima.experiment.train import TrainingDiverged
 
     try:
-        return int(modules[args.command].run(args) or 0)
+        # A subcommand may route to its own function with set_defaults(run=...); otherwise its
+        # module's run(args) handles it.
+        func = getattr(args, "run", None)
+        if not callable(func):
+            func = modules[args.command].run
+        return int(func(args) or 0)
     except TrainingDiverged as e:
         if debug:
             raise
