@@ -115,3 +115,11 @@ def test_every_example_config_is_valid(path):
         assert "NRS rho=0" in plan.variants and len(plan.cells()) == 72
     else:
         assert load_config(path).epochs >= 1
+
+
+def test_train_with_amp_and_sam_runs_to_the_end(tmp_path, capsys):
+    out = tmp_path / "amp"
+    assert main(["train", *TINY, "epochs=1", "amp=true", "method=sam", "grad_clip=5",
+                 "tensorboard=false", f"out={out}", "-q", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["epoch"] == 1 and metrics["train_loss"] < 10

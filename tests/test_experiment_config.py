@@ -70,3 +70,20 @@ def test_identity_ignores_presentation_fields():
 def test_round_trip_through_dict():
     cfg = build_config({"method": "nrs", "rho": 0.1, "model.widths": [4, 4], "seed": 3})
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_learning_rate_schedule_matches_closed_forms():
+    import math
+
+    from flatminima.experiment.train import lr_at
+
+    cos = Config(lr=0.4, epochs=10, warmup_epochs=2, schedule="cosine")
+    spe = 5  # steps per epoch: 10 warm-up steps, then 40 cosine steps
+    assert [lr_at(cos, s, spe) for s in (0, 4, 9)] == pytest.approx([0.04, 0.2, 0.4])
+    assert lr_at(cos, 10, spe) == pytest.approx(0.4)  # cosine starts at the peak
+    assert lr_at(cos, 30, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(cos, 49, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    step = Config(lr=1.0, epochs=10, schedule="step", milestones=[0.5, 8], gamma=0.1)
+    assert [lr_at(step, e * 3, 3) for e in (0, 4, 5, 7, 8, 9)] \
+        == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert lr_at(Config(lr=0.3, schedule="constant"), 123, 7) == 0.3
