@@ -43,6 +43,7 @@ BAD_INPUTS = [
     ([*TRAIN, "model.depth=3"], "model 'mlp': mlp() got an unexpected keyword argument 'depth'"),
     ([*TRAIN, "dataset=imagefolder", "data_root={tmp}/nodata"], "no image folder in"),
     ([*TRAIN, "out={tmp}/corrupt"], "is corrupted or not a checkpoint"),
+    ([*TRAIN, "out={tmp}/foreign"], "has no saved config"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["nocommand"], "invalid choice: 'nocommand'"),
     (["measure", "{tmp}/nowhere"], "no checkpoint found"),
@@ -71,6 +72,8 @@ def files(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "last.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    (tmp_path / "foreign").mkdir()
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "foreign" / "last.pt")
     return tmp_path
 
 

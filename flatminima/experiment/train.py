@@ -250,19 +250,27 @@ def _train(cfg: Config) -> dict[str, Any]:
     ckpt_path = out / "last.pt"
     if cfg.resume and ckpt_path.is_file():
         state = ckpt.load(ckpt_path)
+        if not isinstance(state.get("config"), dict):
+            raise ckpt.CheckpointError(f"checkpoint {str(ckpt_path)!r} has no saved config; "
+                                       "choose another out= or set resume=false")
         saved = config_from_dict(state["config"])
         if saved.fingerprint() != cfg.fingerprint():
             diff = [k for k, v in cfg.identity().items() if saved.identity().get(k) != v]
             raise ConfigError(f"out={cfg.out!r} holds a run with a different config "
                               f"({', '.join(diff)}); choose another out= or set resume=false")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        rng = state["rng"][rank] if isinstance(state["rng"], list) else state["rng"]
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        ckpt.set_rng_state(rng, {"method": gen})
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            method.load_state_dict(state["method"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            rng = state["rng"][rank] if isinstance(state["rng"], list) else state["rng"]
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            ckpt.set_rng_state(rng, {"method": gen})
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {str(ckpt_path)!r} is incomplete or does "
+                                       f"not match this run ({type(e).__name__}: "
+                                       f"{' '.join(str(e).split())[:120]})") from None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
