@@ -164,3 +164,15 @@ def test_changed_config_does_not_resume_silently(tmp_path):
     train(build_config(base))
     with pytest.raises(ValueError, match="different config \\(lr\\)"):
         train(build_config({**base, "lr": 0.3}))
+
+
+def test_metrics_csv_round_trip_keeps_full_precision(tmp_path):
+    from flatminima.experiment.logs import read_csv, write_csv
+
+    rows = [{"epoch": 1, "loss": 0.1 + 0.2, "acc": float("nan")},
+            {"epoch": 2, "loss": 1 / 3, "extra": "x"}]
+    write_csv(tmp_path / "m.csv", rows)
+    back = read_csv(tmp_path / "m.csv")
+    assert back[0]["loss"] == 0.1 + 0.2 and back[1]["loss"] == 1 / 3
+    assert back[0]["acc"] != back[0]["acc"] and back[1]["extra"] == "x"
+    assert list(back[0]) == ["epoch", "loss", "acc", "extra"]
