@@ -78,10 +78,13 @@ def _draw(shape: torch.Size, like: Tensor, generator: torch.Generator | None, ki
     # generator cannot drive a CUDA kernel, and results stay identical across devices.
     device = generator.device if generator is not None else like.device
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    z = torch.empty(shape, device=device, dtype=dtype)
     if kind == "normal":
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        z.normal_(generator=generator)
+    elif kind == "symmetric":
+        z.uniform_(-1.0, 1.0, generator=generator)
     else:
-        z = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        z.uniform_(0.0, 1.0, generator=generator)
     return z.to(device=like.device, dtype=like.dtype)
 
 
@@ -96,20 +99,24 @@ def _group_view(t: Tensor, scale: str) -> Tensor:
 
 def _unit_draw(
     rows: int, cols: int, like: Tensor, generator: torch.Generator | None, distribution: str
-) -> Tensor:
-    """``rows`` independent unit draws of dimension ``cols`` from ``distribution``."""
+) -> tuple[Tensor, Tensor | None]:
+    """``rows`` independent unit draws of dimension ``cols``, as ``(z, row_factor)``.
+
+    The draw is ``z * row_factor`` (``row_factor`` of shape ``(rows, 1)``, ``None`` for 1): the
+    per-row factor is kept apart so that the caller folds it with the group magnitude into a
+    single multiplication over all entries (the sampler is on every step's path).
+    """
     shape = torch.Size((rows, cols))
     if distribution == "uniform":
-        return _draw(shape, like, generator, "uniform") * 2 - 1
+        return _draw(shape, like, generator, "symmetric"), None
     z = _draw(shape, like, generator, "normal")
     if distribution == "gaussian":
-        return z
+        return z, None
     # A normalized Gaussian is uniform on the sphere; scaling by U^(1/d) fills the ball uniformly.
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    factor = 1.0 / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     if distribution == "ball":
-        r = _draw(torch.Size((rows, 1)), like, generator, "uniform") ** (1.0 / cols)
-        z = z * r
-    return z
+        factor = factor * _draw(torch.Size((rows, 1)), like, generator, "uniform") ** (1.0 / cols)
+    return z, factor
 
 
 def sample(
@@ -136,12 +143,13 @@ def sample(
         out: dict[str, Tensor] = {}
         for name, w in params.items():
             wg = _group_view(w.detach(), scale)
-            xi = _unit_draw(wg.shape[0], wg.shape[1], w, generator, distribution)
+            z, factor = _unit_draw(wg.shape[0], wg.shape[1], w, generator, distribution)
             if relative:
-                m = radius * wg.norm(dim=1, keepdim=True)
+                m = wg.norm(dim=1, keepdim=True) if scale != "element" else wg.abs()
+                m = m * radius if factor is None else m * (factor * radius)
             else:
-                m = torch.full((wg.shape[0], 1), radius, dtype=w.dtype, device=w.device)
-            out[name] = (m * xi).reshape(w.shape)
+                m = radius if factor is None else factor * radius
+            out[name] = z.mul_(m).reshape(w.shape)
         return out
 
 
@@ -158,13 +166,14 @@ def _sample_global(
     tensors = [params[n].detach() for n in names]
     numel = sum(t.numel() for t in tensors)
     like = tensors[0]
-    flat = _unit_draw(1, numel, like, generator, distribution).reshape(-1)
+    z, factor = _unit_draw(1, numel, like, generator, distribution)
     m = radius
     if relative:
         m = radius * float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+    flat = z.reshape(-1).mul_(m if factor is None else factor.reshape(()) * m)
     out, offset = {}, 0
     for n, t in zip(names, tensors, strict=True):
-        out[n] = (m * flat[offset : offset + t.numel()]).reshape(t.shape).to(t.dtype)
+        out[n] = flat[offset : offset + t.numel()].reshape(t.shape).to(t.dtype)
         offset += t.numel()
     return out
 
