@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -120,8 +121,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, Python {platform.python_version()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python "
+               f"{platform.python_version()}, load average {load:.1f} at start")
     lines = ["# Step cost relative to Baseline (CPU)", "",
              f"Machine: {machine}. Rounds: {args.rounds} (interleaved), median per step.", "",
              "Command: `python benchmarks/step_cost.py`", ""]
