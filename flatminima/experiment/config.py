@@ -58,9 +58,10 @@ class Config:
     used to choose hyperparameters.
     ``threads`` sets ``torch.set_num_threads`` for the run (CPU; a resumed run must use the same
     count to be bitwise identical; 1 is fastest for tiny models on a loaded machine).
-    Optimization: ``optimizer`` SGD (``momentum``, ``nesterov``) or AdamW, decoupled or L2
-    ``weight_decay``, a per-step ``schedule`` (cosine / step at ``milestones`` times ``gamma`` /
-    constant) after ``warmup_epochs`` of linear warm-up, ``grad_clip`` on the global norm.
+    Optimization: ``optimizer`` SGD (``momentum``, ``nesterov``; L2 ``weight_decay``) or AdamW
+    (``momentum`` is beta1; decoupled ``weight_decay``), a per-step ``schedule`` (cosine / step
+    at ``milestones`` times ``gamma`` / constant) after ``warmup_epochs`` of linear warm-up,
+    ``grad_clip`` on the global norm.
     """
 
     # data
