@@ -21,7 +21,6 @@ This finds eigenvalues the first start vector had no component along (repeated e
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,8 +80,9 @@ def lanczos(
     """Run up to ``max_steps`` Lanczos steps from ``start``.
 
     With ``tol`` set, stop as soon as the ``k`` wanted Ritz values (``which="largest"``
-    algebraic, or ``"magnitude"``) all have ``residual <= tol * max(|theta|, floor)``, where
-    ``floor = sqrt(eps) * max|theta|`` keeps eigenvalues near zero from never converging. With
+    algebraic, or ``"magnitude"``) all have ``residual <= max(tol * |theta|, floor)``, where
+    ``floor = 100 * eps * max|theta|`` is about the rounding noise of a product in the working
+    precision: eigenvalues far below the top one could otherwise never converge. With
     ``tol=None`` run all steps (SLQ wants a fixed number of nodes). ``callback(step, ritz,
     residuals)`` is called after every step (progress, convergence studies).
     """
@@ -118,8 +118,8 @@ def lanczos(
         can_restart = breakdown and restart_on_breakdown and basis.shape[0] < n
         if tol is not None and step >= k and not can_restart:
             idx = _wanted(theta, k, which)
-            floor = math.sqrt(eps) * scale
-            bound = tol * torch.clamp(theta[idx].abs(), min=floor)
+            floor = 100 * eps * scale
+            bound = torch.clamp(tol * theta[idx].abs(), min=floor)
             if bool((residuals[idx] <= bound).all()):
                 converged = True
                 break
