@@ -54,8 +54,9 @@ def last_layer_names(model: nn.Module, example_input: Tensor | None = None) -> l
             for name, m in owners
         ]
         try:
-            with torch.no_grad():
-                model(example_input)
+            # Eval mode: finding the layer must not move BatchNorm statistics. Two samples suffice.
+            with torch.no_grad(), measuring_mode(model, train=False):
+                model(example_input[:2])
         finally:
             for h in handles:
                 h.remove()
