@@ -21,7 +21,7 @@ from flatminima.study.pipeline import StudyConfig
 SPIRALS_DEFAULT = StudyConfig()
 #: The MNIST variant's smaller grid: 2 seeds, 3 poison factors, Baseline / NRS / SAM.
 MNIST_DEFAULT = StudyConfig(seeds=(0, 1), poison_factors=(0.0, 0.1, 0.5),
-                            methods=("baseline", "nrs", "sam"), lr_grid=(0.0003, 0.001, 0.003),
+                            methods=("baseline", "nrs", "sam"), lr_grid=(0.0001, 0.0003, 0.001),
                             steps=600, cutoffs=(0.5,), num_directions=20, rollout_directions=6)
 
 

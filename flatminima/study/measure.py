@@ -42,6 +42,7 @@ class BasinStats:
     volume_censored: int
     dim: int
     weight_norm: float
+    radii: list[float]          # filter-normalized radius of every ray (direction i: 2i, 2i+1)
 
 
 def rollouts(model: nn.Module, x: Tensor, y: Tensor, *, num_directions: int, span: float,
@@ -85,7 +86,7 @@ def basin_stats(model: nn.Module, x: Tensor, y: Tensor, *, cutoff: float, num_di
     dim = sum(p.numel() for p in model.parameters())
     if not center < cutoff:
         nan = float("nan")
-        return BasinStats(cutoff, center, nan, nan, 0, nan, nan, 0, dim, w_norm)
+        return BasinStats(cutoff, center, nan, nan, 0, nan, nan, 0, dim, w_norm, [])
     gen = torch.Generator().manual_seed(seed)
     filt = volume.basin_radius(model, F.cross_entropy, (x, y), num_directions=num_directions,
                                cutoff=cutoff, directions="filter", generator=gen, rtol=1e-2)
@@ -97,7 +98,8 @@ def basin_stats(model: nn.Module, x: Tensor, y: Tensor, *, cutoff: float, num_di
         radius_mean=float(filt.radii.mean()), radius_std=float(filt.radii.std()),
         radius_censored=int(filt.censored.sum()),
         log10_volume=log10_vol, log10_volume_se=_bootstrap_se(iso.radii, iso.dim, seed),
-        volume_censored=int(iso.censored.sum()), dim=iso.dim, weight_norm=w_norm)
+        volume_censored=int(iso.censored.sum()), dim=iso.dim, weight_norm=w_norm,
+        radii=filt.radii.reshape(-1).tolist())
 
 
 __all__ = ["BasinStats", "rollouts", "basin_stats"]

@@ -135,6 +135,22 @@ def fig_rollouts(entries: list[tuple[str, dict[str, Any]]], cutoff: float, path:
     return _save(fig, path)
 
 
+def fig_radii(entries: list[tuple[str, dict[str, Any]]], cutoff: str, path: Path) -> str:
+    """Basin radius of every sampled ray (filter-normalized), one column per model."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(entries) + 2.0, 3.4))
+    gen = np.random.default_rng(0)
+    for i, (_, m) in enumerate(entries):
+        r = np.asarray(m["basin"][cutoff]["radii"], dtype=float)
+        ax.scatter(i + gen.uniform(-0.18, 0.18, r.size), r, s=7, alpha=0.6, color=f"C{i}")
+        if r.size:
+            ax.hlines(np.median(r), i - 0.3, i + 0.3, color="k", lw=1.2)
+    ax.set_xticks(range(len(entries)), [t for t, _ in entries], rotation=30)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"radius to train loss {cutoff}")
+    ax.set_title("basin radius per direction (bar: median)", fontsize=9)
+    return _save(fig, path)
+
+
 def fig_gap_vs_poison(res: dict[str, Any], path: Path) -> str:
     pm = poison_models(res)
     factors = list(pm)
@@ -382,6 +398,9 @@ def write_section(res: dict[str, Any], task: Any, out: Path, title: str) -> list
     md += [f"![rollouts]({fig_rollouts(pe, float(cut), out / f'{kind}_rollouts_poison.png')})",
            "", f"Train loss along {cfg['rollout_directions']} random filter-normalized "
            f"directions around each minimum (seed {first}); dashed: the cutoff {cut}.", ""]
+    md += [f"![radii]({fig_radii(pe, cut, out / f'{kind}_radii_poison.png')})", "",
+           f"Basin radius along each of the {2 * cfg['num_directions']} sampled rays "
+           f"(filter-normalized directions, both signs; seed {first}).", ""]
     md += [f"![gap]({fig_gap_vs_poison(res, out / f'{kind}_gap_vs_poison.png')})", ""]
     md += [f"![volume]({fig_volume_vs_gap(res, out / f'{kind}_volume_vs_gap.png')})", "",
            "One point per trained model; log10 volume of the basin {train loss < cutoff} from "
@@ -399,6 +418,7 @@ def write_section(res: dict[str, Any], task: Any, out: Path, title: str) -> list
     md += [f"![methods]({fig_methods(res, out / f'{kind}_methods.png', spirals)})", ""]
     md += [f"![rollouts]({fig_rollouts(me, float(cut), out / f'{kind}_rollouts_methods.png')})",
            ""]
+    md += [f"![radii]({fig_radii(me, cut, out / f'{kind}_radii_methods.png')})", ""]
     md += ["### Findings", ""] + [f"- {s}" for s in findings(res)] + [""]
     return md
 
