@@ -20,6 +20,7 @@ by ``seed`` and rank), as in the NRS paper's practical implementation. Only rank
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -201,10 +202,17 @@ def train(cfg: Config) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
         return _train(cfg)
     finally:
         torch.set_num_threads(threads)
+        if owns_group and dist.is_initialized():
+            # Tear down the group we created (after every rank is done), or gloo's threads can
+            # abort the interpreter at exit.
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _train(cfg: Config) -> dict[str, Any]:
@@ -296,6 +304,8 @@ def _train(cfg: Config) -> dict[str, Any]:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     result = method.backward(model, x, y, loss_fn, scaler=scaler, generator=gen)
                 loss = float(result.loss)
+                if world > 1:  # every rank must see the same verdict, or one would wait forever
+                    loss = _dist_sum([loss], device)[0] / world
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at epoch {epoch + 1}, step {i + 1} (lr={lr:.4g}); "
