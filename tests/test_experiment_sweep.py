@@ -181,3 +181,20 @@ def test_claim_of_a_dead_local_process_is_taken_over_at_once(tmp_path):
     GridWorker(url, "s", grace_s=1000.0, poll_s=0.05).run(
         cells, lambda c: ran.append(c.key) or {"val_acc": 1.0})
     assert ran == [cells[0].key]
+
+
+def test_report_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    from flatminima.experiment.report import atomic_dir
+
+    target = tmp_path / "report"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.md").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.md").write_text("half")
+            raise RuntimeError("plotting failed")
+    assert (target / "a.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temp folder left
+    with atomic_dir(target) as tmp:
+        (tmp / "b.md").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.md"]
