@@ -524,6 +524,7 @@ def main() -> int:
     x, y, data_name = load_data(n_train)
     batch = (x[:n_batch], y[:n_batch])
     print("training models ...", flush=True)
+    torch.manual_seed(0)  # the initial weights too, so reruns measure the same models
     model_cnn = train(cnn(), x, y, epochs=1 if args.quick else 3)
     model_mlp = train(mlp(), x, y, epochs=1 if args.quick else 5)
     env = {
