@@ -8,6 +8,12 @@ PyTorch profiler's memory timeline: the largest total of tensor memory alive dur
 (weights, gradients, optimizer state, activations, autograd graphs, perturbations, temporaries).
 
     python benchmarks/step_cost.py [--rounds 30] [--out benchmarks/results/step_cost.md]
+
+On CPU with glibc, freed blocks above the mmap threshold go back to the OS every step and are
+page-faulted in again at the next; the cost grows with the memory a step holds, so it hits
+methods that keep two autograd graphs (NRS) hardest. Run it a second time with
+``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`` to see the methods' own
+cost (``--out benchmarks/results/step_cost_malloc_tuned.md``).
 """
 
 from __future__ import annotations
@@ -125,6 +131,8 @@ def main() -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python "
                f"{platform.python_version()}, load average {load:.1f} at start")
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    machine += f", glibc malloc settings {tuned}" if tuned else ", default glibc malloc"
     lines = ["# Step cost relative to Baseline (CPU)", "",
              f"Machine: {machine}. Rounds: {args.rounds} (interleaved), median per step.", "",
              "Command: `python benchmarks/step_cost.py`", ""]
