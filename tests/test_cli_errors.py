@@ -60,6 +60,11 @@ BAD_INPUTS = [
     (["compare", "val_split=0"], "val_split must be > 0 for compare"),
     (["compare", "rho=-1"], "rho must be a finite number >= 0"),
     (["compare", "--measure-examples", "0"], "--measure-examples=0: must be >= 1"),
+    (["compare", "--methods", ","], "--methods=',': give at least one method"),
+    (["compare", "--lrs", ""], "lrs='': need positive numbers"),
+    (["sweep", "--grid", "rhoo=0.05,0.1"], "unknown key 'rhoo'"),
+    (["sweep", "--grid", "lr=0.1", "--heartbeat", "-1"], "--heartbeat=-1.0: must be > 0"),
+    (["sweep", "--grid", "lr=0.1", "--grace", "5"], "--grace=5.0: must exceed --heartbeat"),
 ]
 
 

@@ -32,6 +32,20 @@ def test_grid_applies_hparams_only_to_methods_that_take_them():
     assert all("rho" in c.params for c in cells if c.params["method"] == "nrs")
 
 
+def test_grid_key_that_no_method_takes_is_an_error_not_dropped():
+    with pytest.raises(ConfigError, match="rhoo"):
+        expand({"method": ["baseline"], "rhoo": [0.05, 0.1]}, [0])
+    with pytest.raises(ConfigError, match="rhoo"):
+        expand([{"method": "nrs", "rhoo": 0.1}], [0], grid_kind="list")
+
+
+def test_negative_heartbeat_is_a_usage_error(tmp_path, capsys):
+    assert main(["sweep", *TINY, "--heartbeat", "-1", "--runs", str(tmp_path / "r"),
+                 "-q"]) == 2
+    assert "heartbeat" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_list_of_grids_and_explicit_list():
     union = expand([{"method": ["sam"], "rho": [0.05]}, {"method": ["nrs"], "alpha": [0, 1]}],
                    [0])

@@ -52,6 +52,12 @@ def _is_method_key(key: str) -> bool:
     return key not in FIELDS and not key.startswith(("model.", "model_args."))
 
 
+def _any_method_takes(name: str) -> bool:
+    from flatminima.methods import list_methods
+
+    return any(name in method_signature(m) for m in list_methods())
+
+
 def _applicable(setting: dict[str, Any], default_method: str) -> dict[str, Any]:
     """Drop the method hyperparameters that this cell's method does not take."""
     method = str(setting.get("method", default_method))
@@ -60,6 +66,9 @@ def _applicable(setting: dict[str, Any], default_method: str) -> dict[str, Any]:
     for k, v in setting.items():
         name = k.split(".", 1)[1] if k.startswith(("hparams.", "method.")) else k
         if _is_method_key(k) and name not in accepted:
+            if not _any_method_takes(name):
+                raise ConfigError(f"grid: unknown key {k!r}: neither a config field nor a "
+                                  "hyperparameter of any method")
             continue
         out[k] = v
     return out

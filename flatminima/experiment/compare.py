@@ -152,6 +152,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
               and not k.startswith(("model.", "model_args."))}
     if args.methods is not None:
         names = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+        if not names:
+            raise ConfigError(f"--methods={args.methods!r}: give at least one method")
         known = list_methods()
         for m in names:
             if m not in known:
@@ -182,7 +184,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                               for k in shared):
             raise ConfigError(f"unknown key {next(iter(shared))!r}: neither a config field "
                               "nor a hyperparameter of the compared methods")
-    lrs = _floats(args.lrs, "lrs") if args.lrs else [float(x) for x in
+    lrs = _floats(args.lrs, "lrs") if args.lrs is not None else [float(x) for x in
                                                      spec.get("lrs", DEFAULT_LRS)]
     seeds = parse_seeds(args.seeds) if args.seeds else list(spec.get("seeds", DEFAULT_SEEDS))
     plan = Plan(base, variants, lrs, seeds)

@@ -109,6 +109,8 @@ class GridWorker:
 
     def __init__(self, storage: str, study_name: str, *, select: str = "val_acc",
                  heartbeat_s: float = 10.0, grace_s: float = 60.0, poll_s: float = 2.0) -> None:
+        if not heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s={heartbeat_s}: must be > 0")
         if grace_s <= heartbeat_s:
             raise ConfigError(f"grace_s={grace_s} must exceed heartbeat_s={heartbeat_s}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"select={select!r}: choose one of {', '.join(METRICS)}")
     if select == "val_acc" and not has_val:
         raise ConfigError("select='val_acc' needs val_split > 0 in the base config")
+    if not args.heartbeat > 0:
+        raise ConfigError(f"--heartbeat={args.heartbeat}: must be > 0")
+    if not args.grace > args.heartbeat:
+        raise ConfigError(f"--grace={args.grace}: must exceed --heartbeat={args.heartbeat}")
     url = storage_url(args.storage, runs / "study.db")
     worker = GridWorker(url, study, select=select, heartbeat_s=args.heartbeat,
                         grace_s=args.grace)
