@@ -312,5 +312,9 @@ def test_bad_inputs_raise_value_error():
         fh.eigenvalues(model, F.cross_entropy, data, curvature="ggn2")
     with pytest.raises(ValueError, match="num_matvecs"):
         fh.trace(model, F.cross_entropy, data, num_matvecs=0)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        fh.trace(model, F.cross_entropy, data, num_matvecs=True, method="hutchinson")
+    with pytest.raises(ValueError, match="block"):
+        fh.trace(model, F.cross_entropy, data, block=True)
     with pytest.raises(ValueError, match="does not match"):
         fh.hvp(model, F.cross_entropy, data, torch.zeros(3, dtype=torch.float64))

@@ -131,9 +131,9 @@ def trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown trace method {method!r}; choose one of {TRACE_METHODS}")
-    if not isinstance(num_matvecs, int) or num_matvecs < 1:
+    if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < 1:
         raise ValueError(f"num_matvecs must be a positive integer, got {num_matvecs!r}")
-    if block is not None and (not isinstance(block, int) or block < 1):
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
         raise ValueError(f"block must be a positive integer, got {block!r}")
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
