@@ -316,5 +316,7 @@ def test_bad_inputs_raise_value_error():
         fh.trace(model, F.cross_entropy, data, num_matvecs=True, method="hutchinson")
     with pytest.raises(ValueError, match="block"):
         fh.trace(model, F.cross_entropy, data, block=True)
+    with pytest.raises(ValueError, match="num_runs"):
+        fh.density_nodes(model, F.cross_entropy, data, num_steps=3, num_runs=True)
     with pytest.raises(ValueError, match="does not match"):
         fh.hvp(model, F.cross_entropy, data, torch.zeros(3, dtype=torch.float64))

@@ -39,9 +39,9 @@ def density_nodes(
     A run whose Krylov space closes early (fewer distinct eigenvalues than ``num_steps``) pads
     with zero-weight nodes.
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not isinstance(num_runs, int) or num_runs < 1:
+    if not isinstance(num_runs, int) or isinstance(num_runs, bool) or num_runs < 1:
         raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
     nodes = torch.zeros(num_runs, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, num_steps, dtype=torch.float64)
