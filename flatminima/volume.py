@@ -103,7 +103,7 @@ def basin_radius(
         r = fm.volume.basin_radius(model, F.cross_entropy, train_batches, num_directions=20)
         r.radii.mean()
     """
-    if not isinstance(num_directions, int) or num_directions < 1:
+    if type(num_directions) is not int or num_directions < 1:
         raise ValueError(f"num_directions must be a positive integer, got {num_directions!r}")
     if directions not in ("sphere", "filter"):
         raise ValueError(f"unknown directions {directions!r}; choose 'sphere' or 'filter'")

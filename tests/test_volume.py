@@ -112,6 +112,8 @@ def test_filter_directions_and_bad_inputs():
         fv.basin_radius(Point(center), loss, DATA, directions="cube")
     with pytest.raises(ValueError, match="num_directions"):
         fv.basin_radius(Point(center), loss, DATA, num_directions=0)
+    with pytest.raises(ValueError, match="num_directions"):
+        fv.basin_radius(Point(center), loss, DATA, num_directions=True)
     with pytest.raises(ValueError, match="cutoff 0.1"):
         fv.basin_radius(Point(center), loss, DATA, cutoff=0.1)
     with pytest.raises(ValueError, match="empty"):
