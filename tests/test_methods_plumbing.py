@@ -156,6 +156,7 @@ def test_noise_with_wrong_shape_is_rejected():
         (lambda: fm.NRS(scale="row"), "scale"),
         (lambda: fm.RPR(distribution="cauchy"), "distribution"),
         (lambda: fm.SAM(rho=float("nan")), "rho"),
+        (lambda: fm.SAM(rho=True), "rho"),
         (lambda: fm.ASAM(eta=-1), "eta"),
         (lambda: fm.NSO(num_samples=0), "num_samples"),
         (lambda: fm.NSO(num_samples=1.5), "num_samples"),

@@ -66,6 +66,8 @@ class StepResult:
 
 def check_nonneg(value: Any, name: str) -> float:
     """``value`` as a finite float ``>= 0``, or ``ValueError`` naming it."""
+    if isinstance(value, bool):  # a bool is an int to Python, never a meant radius or weight
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         f = float(value)
     except (TypeError, ValueError):
