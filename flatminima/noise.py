@@ -63,7 +63,9 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 
 
 def check_radius(value: float, name: str = "radius") -> float:
-    """Validate a non-negative finite perturbation size and return it as a float."""
+    """Validate a non-negative finite number (a perturbation size) and return it as a float."""
+    if isinstance(value, bool):  # a bool is an int to Python, never a meant size
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -28,7 +28,6 @@ Per call, in every method:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,15 +65,7 @@ class StepResult:
 
 def check_nonneg(value: Any, name: str) -> float:
     """``value`` as a finite float ``>= 0``, or ``ValueError`` naming it."""
-    if isinstance(value, bool):  # a bool is an int to Python, never a meant radius or weight
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(f) or f < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return f
+    return noise_lib.check_radius(value, name)
 
 
 def check_unit_interval(value: Any, name: str) -> float:
