@@ -36,11 +36,25 @@ from flatminima._params import (
 )
 
 
-def _kl_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """``KL(softmax p || softmax q)`` summed over the class dim, averaged over the rest."""
-    logp = F.log_softmax(logits_p.double(), dim=-1)
-    logq = F.log_softmax(logits_q.double(), dim=-1)
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """``KL(softmax(p) || softmax(q))`` summed over the last dim, averaged over the rest.
+
+    The model divergence of Zhao & Zhang (2022), Definition 1, for one batch; NRS trains on it.
+    Low-precision outputs (autocast) are upcast: the KL of nearby distributions is a small
+    difference of logs that float16 cannot resolve.
+    """
+    logp = F.log_softmax(_upcast(logits_p), dim=-1)
+    logq = F.log_softmax(_upcast(logits_q), dim=-1)
     return (logp.exp() * (logp - logq)).sum(dim=-1).mean()
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _kl_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    # Measurements are reported in float64 whatever the model's dtype.
+    return kl_divergence(logits_p.double(), logits_q.double())
 
 
 def model_divergence(

@@ -190,19 +190,6 @@ def poison_grads(params: Sequence[Tensor]) -> None:
         return
 
 
-def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """``KL(softmax(p) || softmax(q))`` summed over the last dim, averaged over the rest."""
-    # Low-precision outputs (autocast) are upcast: the KL of nearby distributions is a small
-    # difference of logs that float16 cannot resolve.
-    logp = F.log_softmax(_upcast(logits_p), dim=-1)
-    logq = F.log_softmax(_upcast(logits_q), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def weighted_sum(values: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """``sum_i weights[i] * values[i]`` of detached scalars, in the values' own dtype."""
     return torch.stack([v.detach() * w for v, w in zip(values, weights, strict=True)]).sum()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatminima.divergence import kl_divergence
 from flatminima.methods._base import (
     Method,
     RngReplay,
@@ -23,7 +24,6 @@ from flatminima.methods._base import (
     check_nonneg,
     forward_at,
     frozen_norm_stats,
-    kl_divergence,
     model_device,
     run_backward,
     sync_context,
