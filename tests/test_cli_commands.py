@@ -53,6 +53,21 @@ def test_measure_writes_numbers_and_plots(tmp_path, capsys):
     assert "measurements and plots" in capsys.readouterr().out
 
 
+def test_measure_checks_the_output_folder_before_measuring(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "epochs=1", "tensorboard=false", f"out={run}", "-q"]) == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the output folder's parent should be
+
+    def must_not_run(*a, **k):
+        raise AssertionError("measured before the output folder was checked")
+
+    monkeypatch.setattr("flatminima.hessian.eigenvalues", must_not_run)
+    assert main(["measure", str(run), "--out", str(blocker / "sub" / "m"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+
+
 def test_compare_tiny_writes_table_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["compare", *TINY, "--methods", "nrs", "--lrs", "0.05,0.2", "--seeds", "2",

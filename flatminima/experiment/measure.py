@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,12 @@ def _positive(name: str, value: float | int, allow_zero: bool = False) -> None:
         raise ConfigError(f"--{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_writable(out: Path) -> None:
+    """Raise ``OSError`` now if the report folder beside ``out`` cannot be created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryDirectory(prefix=f".{out.name}.probe.", dir=out.parent).cleanup()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
@@ -123,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     loss_fn = loss_function(cfg)
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731 - same seed per estimate
     out = Path(args.out) if args.out else path.parent / "measure"
+    _check_writable(out)  # before minutes of measuring, not after
 
     steps = ["hessian", "trace", "divergence", "line", "plane", "basin"]
     bar = progress(steps, desc="measure", quiet=args.quiet, unit="step", leave=False)
