@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                                generator=gen())
             res["hessian_trace"] = float(tr)
             res["hessian_trace_std_error"] = float(getattr(tr, "std_error", math.nan))
+            res["hessian_trace_method"] = getattr(tr, "method", "")
         elif step == "divergence" and args.rho > 0:
             res.update(measure_batch(model, batch, rho=args.rho, samples=args.samples,
                                      seed=args.seed))

@@ -31,13 +31,15 @@ from torch import Tensor
 
 @dataclass
 class LanczosResult:
-    """Ritz values (ascending), first-row weights ``S[0, i]^2``, residuals and the step count."""
+    """Ritz values (ascending), first-row weights ``S[0, i]^2``, residuals, the step count and
+    the orthonormal basis ``Q`` (rows ``q_1..q_m``; ``tr(Q^T A Q) = tr(T) = sum(ritz)``)."""
 
     ritz: Tensor          # (m,) float64, ascending
     weights: Tensor       # (m,) float64: |e_1^T s_i|^2, the SLQ quadrature weights
     residuals: Tensor     # (m,) float64: beta_m |e_m^T s_i|
     steps: int
     converged: bool
+    basis: Tensor         # (m, n) in the start vector's dtype
 
 
 def rademacher(n: int, generator: torch.Generator | None, like: Tensor, rows: int = 0) -> Tensor:
@@ -140,7 +142,7 @@ def lanczos(
             q = w / b
             beta.append(b)
         basis = torch.cat([basis, q.unsqueeze(0)])
-    return LanczosResult(ritz, weights, residuals, len(alpha), converged)
+    return LanczosResult(ritz, weights, residuals, len(alpha), converged, basis)
 
 
 def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
