@@ -37,7 +37,11 @@ def eigenvalues(
     size-weighted mean loss over all of them. ``params`` restricts it to a parameter subset
     (a list of names, a predicate on the name, ``"last_layer"``, ``"weights"``, ``"no_norm"``);
     ``curvature="ggn"`` uses the Gauss-Newton matrix. Eval mode unless ``train=True``.
-    The basis costs ``max_iter`` vectors of the selected size in memory.
+    The basis costs ``max_iter`` vectors of the selected size in memory. Over several batches
+    the gradient graphs of all of them are kept when they fit a quarter of the available memory
+    (else rebuilt per product), and for a last layer (or any subset owned by the module that
+    produces the output) the network below it runs once, not once per product: see
+    :class:`flatminima.hessian.CurvatureOperator`.
 
     The NRS paper (Zhao & Zhang 2022, Table 3) reports the top eigenvalue of the last layer::
 

@@ -24,11 +24,21 @@ Hessian-vector products come in two flavours (``mode=``):
 ``"auto"`` picks double-backward for the Hessian: on this project's CPU measurement
 (``benchmarks/results/hessian.md``) it beat forward-over-reverse both with the graph kept and
 rebuilt per product. The GGN is always computed with forward-mode ``jvp`` and ``vjp``.
+
+Two caches make repeated products cheap without changing the operator:
+
+* the gradient graph of every batch is kept when all of them fit a memory budget (a quarter of
+  the memory available; the size of one graph is measured while it is built), else rebuilt per
+  batch and product; a single batch always keeps its graph, which costs no more peak memory;
+* when the selected parameters all belong to one module whose output is the model's output (a
+  last layer), the inputs of that module are computed once and every product runs through it
+  alone (:mod:`flatminima.hessian._trunk`, which checks that this is exact).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +54,49 @@ from flatminima._params import (
     model_device,
     select_params,
 )
+from flatminima.hessian._trunk import Trunk, capture_trunk
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 CURVATURES = ("hessian", "ggn")
 MODES = ("auto", "double_backward", "forward_over_reverse")
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the caches may use: a quarter of the memory available on ``device``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2**31
+
+
+class _SavedBytes:
+    """Count the bytes autograd saves while a graph is built (each storage once)."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += storage.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
 
 
 def _default_loss(loss_fn: LossFn | None) -> LossFn:
@@ -80,6 +129,8 @@ class CurvatureOperator:
         curvature: str = "hessian",
         mode: str = "auto",
         cache_graph: bool | None = None,
+        reuse_trunk: bool = True,
+        memory: int | None = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
@@ -99,32 +150,35 @@ class CurvatureOperator:
             n: p.detach() for n, p in model.named_parameters() if n not in selected
         }
         self.curvature = curvature
-        if cache_graph is None:
-            # Keeping every batch's double-backward graph costs all their activations at once;
-            # do it by default for a single batch only.
-            cache_graph = len(self.batches) == 1
         if mode == "auto":
             mode = "double_backward"
         self.mode = mode
-        self.cache_graph = bool(cache_graph)
+        self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
+        self.trunk: Trunk | None = None
+        if reuse_trunk:
+            self.trunk = capture_trunk(model, {n: p.detach() for n, p in selected.items()},
+                                       self.fixed, self.batches, self.memory // 2)
+        # None: decided by the measured size of the first graph (see _double_backward).
+        self.cache_graph = cache_graph
         self.num_matvecs = 0
-        self._graph: tuple[Tensor, Tensor] | None = None
+        self._graphs: list[tuple[Tensor, Tensor] | None] = [None] * len(self.batches)
 
     # -- the objective as a function of the flat vector -------------------------------------
-    def outputs(self, w: Tensor, x: Tensor) -> Tensor:
-        """Model outputs at flat parameters ``w`` (other parameters fixed)."""
-        return functional_call(self.model, {**self.fixed, **self.flat.unflatten(w)}, (x,))
+    def outputs(self, w: Tensor, i: int) -> Tensor:
+        """Model outputs on batch ``i`` at flat parameters ``w`` (other parameters fixed)."""
+        params = self.flat.unflatten(w)
+        if self.trunk is not None:
+            return self.trunk.outputs(params, i)
+        return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
 
-    def batch_loss(self, w: Tensor, batch: Batch) -> Tensor:
-        x, y = batch
-        return self.loss_fn(self.outputs(w, x), y)
+    def batch_loss(self, w: Tensor, i: int) -> Tensor:
+        return self.loss_fn(self.outputs(w, i), self.batches[i][1])
 
     def loss(self, w: Tensor | None = None) -> Tensor:
         """The size-weighted mean loss at ``w`` (default: the model's weights)."""
         w = self.w0 if w is None else w
         with torch.no_grad():
-            return sum(c * self.batch_loss(w, b) for c, b in zip(self.weights, self.batches,
-                                                                strict=True))
+            return sum(c * self.batch_loss(w, i) for i, c in enumerate(self.weights))
 
     # -- products ------------------------------------------------------------------------------
     def matvec(self, v: Tensor) -> Tensor:
@@ -150,25 +204,31 @@ class CurvatureOperator:
                 "parameters"
             )
 
-    def _grad_graph(self, batches: Sequence[Batch], weights: Sequence[float]) -> tuple[Tensor,
-                                                                                       Tensor]:
+    def _grad_graph(self, i: int, counter: _SavedBytes | None = None) -> tuple[Tensor, Tensor]:
         w = self.w0.detach().clone().requires_grad_(True)
-        total = None
-        for c, b in zip(weights, batches, strict=True):
-            loss = c * self.batch_loss(w, b)
-            total = loss if total is None else total + loss
-        (g,) = torch.autograd.grad(total, w, create_graph=True)
+        if counter is None:
+            loss = self.weights[i] * self.batch_loss(w, i)
+            (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                loss = self.weights[i] * self.batch_loss(w, i)
+                (g,) = torch.autograd.grad(loss, w, create_graph=True)
         return w, g
 
     def _double_backward(self, vs: Tensor) -> Tensor:
-        if self.cache_graph:
-            if self._graph is None:
-                self._graph = self._grad_graph(self.batches, self.weights)
-            return self._backward_through(*self._graph, vs)
         out = torch.zeros_like(vs)
-        for c, b in zip(self.weights, self.batches, strict=True):
-            w, g = self._grad_graph([b], [c])
-            out += self._backward_through(w, g, vs)
+        for i in range(len(self.batches)):
+            graph = self._graphs[i]
+            if graph is None:
+                decide = self.cache_graph is None and len(self.batches) > 1
+                counter = _SavedBytes() if decide else None
+                graph = self._grad_graph(i, counter)
+                if counter is not None:
+                    # Keep every batch's graph only if all of them fit the budget.
+                    self.cache_graph = counter.nbytes * len(self.batches) <= self.memory
+                if self.cache_graph is not False:
+                    self._graphs[i] = graph
+            out += self._backward_through(*graph, vs)
         return out
 
     @staticmethod
@@ -185,8 +245,8 @@ class CurvatureOperator:
 
     def _forward_over_reverse(self, vs: Tensor) -> Tensor:
         out = torch.zeros_like(vs)
-        for c, b in zip(self.weights, self.batches, strict=True):
-            grad_fn = grad(lambda w, b=b: self.batch_loss(w, b))
+        for i, c in enumerate(self.weights):
+            grad_fn = grad(lambda w, i=i: self.batch_loss(w, i))
 
             def hvp_one(v: Tensor, grad_fn: Callable = grad_fn) -> Tensor:
                 return jvp(grad_fn, (self.w0,), (v,))[1]
@@ -197,8 +257,9 @@ class CurvatureOperator:
 
     def _ggn(self, vs: Tensor) -> Tensor:
         out = torch.zeros_like(vs)
-        for c, (x, y) in zip(self.weights, self.batches, strict=True):
-            f = lambda w, x=x: self.outputs(w, x)  # noqa: E731
+        for i, c in enumerate(self.weights):
+            y = self.batches[i][1]
+            f = lambda w, i=i: self.outputs(w, i)  # noqa: E731
             z, vjp_fn = vjp(f, self.w0)
             loss_grad = grad(lambda o, y=y: self.loss_fn(o, y))
 
@@ -213,8 +274,9 @@ class CurvatureOperator:
         return out
 
     def release(self) -> None:
-        """Free the kept gradient graph."""
-        self._graph = None
+        """Free the kept gradient graphs and trunk inputs."""
+        self._graphs = [None] * len(self.batches)
+        self.trunk = None
 
 
 def hvp(

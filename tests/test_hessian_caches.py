@@ -1,0 +1,128 @@
+"""The curvature operator's caches (kept graphs, reused trunk) change speed, never the answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flatminima.hessian as fh
+from tests.test_hessian import batch, dense_hessian, gen, tiny_mlp
+
+
+def split(x, y, sizes=(10, 25, 5)):
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start : start + s], y[start : start + s]))
+        start += s
+    return out
+
+
+def products(op: fh.CurvatureOperator, seed: int = 3) -> torch.Tensor:
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(seed))
+    return torch.cat([op.matmat(vs[:2]), op.matvec(vs[2]).unsqueeze(0)])
+
+
+@pytest.mark.parametrize("curvature,mode", [("hessian", "double_backward"),
+                                            ("hessian", "forward_over_reverse"),
+                                            ("ggn", "auto")])
+def test_last_layer_trunk_is_exact(curvature, mode):
+    model, (x, y) = tiny_mlp(2, bn=True), batch(40, seed=5)
+    model.eval()
+    batches = split(x, y)
+    op = fh.CurvatureOperator(model, F.cross_entropy, batches, "last_layer",
+                              curvature=curvature, mode=mode)
+    assert op.trunk is not None and op.trunk.prefix == "5"
+    ref = fh.CurvatureOperator(model, F.cross_entropy, batches, "last_layer",
+                               curvature=curvature, mode=mode, reuse_trunk=False)
+    assert ref.trunk is None
+    h = dense_hessian(model, x, y, ["5.weight", "5.bias"])
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+    got = products(op)
+    torch.testing.assert_close(got, products(ref), rtol=1e-10, atol=1e-12)
+    # The last layer is linear in its weights, so the GGN equals the Hessian there.
+    torch.testing.assert_close(got, vs @ h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.loss(), ref.loss(), rtol=1e-12, atol=0)
+
+
+def test_trunk_for_a_multi_layer_head_and_one_parameter_of_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(5, 6)
+            self.head = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model, (x, y) = Net().double().eval(), batch(30, seed=2)
+    for names in (["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"],
+                  ["head.0.weight"]):
+        op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), names)
+        assert op.trunk is not None and op.trunk.prefix == "head"
+        h = dense_hessian(model, x, y, names)
+        vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+        torch.testing.assert_close(products(op), vs @ h, rtol=1e-10, atol=1e-12)
+
+
+class PostProcessed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return 2.0 * self.head(torch.tanh(self.body(x)))
+
+
+class Tied(PostProcessed):
+    def forward(self, x):                       # the head's bias also feeds the trunk
+        return self.head(torch.tanh(self.body(x) + self.head.bias.sum()))
+
+
+class CalledTwice(PostProcessed):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.head(self.body(x))))
+
+
+@pytest.mark.parametrize("cls", [PostProcessed, Tied, CalledTwice])
+def test_trunk_falls_back_when_the_cut_is_not_exact(cls):
+    torch.manual_seed(0)
+    model, (x, y) = cls().double().eval(), batch(30, seed=4)
+    names = ["head.weight", "head.bias"]
+    op = fh.CurvatureOperator(model, F.cross_entropy, split(x, y, (12, 18)), names)
+    assert op.trunk is None
+    h = dense_hessian(model, x, y, names)
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+    torch.testing.assert_close(products(op), vs @ h, rtol=1e-10, atol=1e-12)
+
+
+def test_no_trunk_in_train_mode_for_all_parameters_or_over_budget():
+    model, data = tiny_mlp(1), batch()
+    assert fh.CurvatureOperator(model.train(), None, data, "last_layer").trunk is None
+    model.eval()
+    assert fh.CurvatureOperator(model, None, data).trunk is None          # nothing to skip
+    assert fh.CurvatureOperator(model, None, data, "last_layer", memory=0).trunk is None
+    assert fh.CurvatureOperator(model, None, data, "last_layer").trunk is not None
+
+
+def test_graphs_kept_within_budget_and_rebuilt_beyond_it():
+    model, (x, y) = tiny_mlp(3), batch(40, seed=6)
+    model.eval()
+    batches = split(x, y)
+    h = dense_hessian(model, x, y)
+    kept = fh.CurvatureOperator(model, F.cross_entropy, batches)
+    rebuilt = fh.CurvatureOperator(model, F.cross_entropy, batches, memory=0)
+    vs = torch.randn(3, kept.size, dtype=torch.float64, generator=gen(3))
+    for op, expect in ((kept, True), (rebuilt, False)):
+        torch.testing.assert_close(products(op), vs @ h, rtol=1e-10, atol=1e-12)
+        assert op.cache_graph is expect
+        assert all((g is not None) == expect for g in op._graphs)
+    # One batch keeps its graph whatever the budget: rebuilding it needs the same memory.
+    single = fh.CurvatureOperator(model, F.cross_entropy, (x, y), memory=0)
+    single.matvec(vs[0])
+    assert single._graphs[0] is not None
