@@ -44,6 +44,15 @@ def test_ensure_file_without_network_names_file_and_place(tmp_path):
         ensure_file(tmp_path / "data", remote, download=True)
     msg = str(e.value)
     assert "\n" not in msg and "thing.gz" in msg and str(tmp_path / "data") in msg
+    assert not (tmp_path / "data").exists()          # the failed download left no folder
+    remote2 = Remote("thing.gz", remote.urls, "0" * 32)
+    with pytest.raises(DataError):
+        ensure_file(tmp_path / "a" / "b", remote2, download=True)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError):
+        ensure_file(tmp_path / "kept", remote2, download=True)
+    assert (tmp_path / "kept").is_dir()               # folders that existed before stay
     with pytest.raises(DataError, match="missing data file"):
         ensure_file(tmp_path / "data", remote, download=False)
 

@@ -316,6 +316,8 @@ def test_bad_inputs_raise_value_error():
         fh.eigenvalues(model, F.cross_entropy, data, k=n + 1)
     with pytest.raises(ValueError, match="k must be"):
         fh.eigenvalues(model, F.cross_entropy, data, k=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        fh.eigenvalues(model, F.cross_entropy, data, max_iter=True)
     with pytest.raises(ValueError, match="empty"):
         fh.eigenvalues(model, F.cross_entropy, [])
     with pytest.raises(ValueError, match="empty"):

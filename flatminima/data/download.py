@@ -68,8 +68,14 @@ def download_url(url: str, dest: str | os.PathLike, *, checksum: str | None = No
     ``file://`` URLs work too (used by the tests).
     """
     dest = Path(dest)
+    # Folders this call creates are removed again if it fails: a failed download leaves nothing.
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         h = hashlib.new(algorithm) if checksum else None
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -83,8 +89,18 @@ def download_url(url: str, dest: str | os.PathLike, *, checksum: str | None = No
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     return dest
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they are still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def ensure_file(root: str | os.PathLike, remote: Remote, *, download: bool = True,

@@ -56,7 +56,7 @@ def eigenvalues(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
