@@ -340,3 +340,21 @@ def test_bad_inputs_raise_value_error():
         fh.density_nodes(model, F.cross_entropy, data, num_steps=3, num_runs=True)
     with pytest.raises(ValueError, match="does not match"):
         fh.hvp(model, F.cross_entropy, data, torch.zeros(3, dtype=torch.float64))
+
+
+def test_lanczos_basis_blocks_equal_a_dense_basis():
+    from flatminima.hessian._lanczos import LanczosBasis
+
+    rows = torch.randn(150, 30, dtype=torch.float64, generator=gen(2))
+    basis = LanczosBasis(rows[0])
+    for i in range(1, 150):
+        basis.append(rows[i])
+        assert basis.rows == i + 1
+        allocated = sum(b.shape[0] for b in basis._blocks)
+        assert allocated - basis.rows <= max(8, basis.rows)     # unused rows stay bounded
+    torch.testing.assert_close(basis.dense(), rows, rtol=0, atol=0)
+    for i in (0, 7, 8, 63, 149, -1, -2):
+        torch.testing.assert_close(basis.row(i), rows[i], rtol=0, atol=0)
+    w, ws = rows[3] + 1.0, rows[:4] * 2.0 - 1.0
+    torch.testing.assert_close(basis.project_out(w), w - rows.T @ (rows @ w))
+    torch.testing.assert_close(basis.project_out(ws), ws - (ws @ rows.T) @ rows)

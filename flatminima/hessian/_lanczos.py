@@ -29,6 +29,59 @@ import torch
 from torch import Tensor
 
 
+class LanczosBasis:
+    """The orthonormal Lanczos vectors, stored in blocks that are filled in place.
+
+    Appending a row never copies the earlier ones (a growing ``torch.cat`` would copy the whole
+    basis at every step and briefly hold it twice, which matters at millions of parameters).
+    A new block has as many rows as the basis already has, between 8 and 64, so unused
+    preallocated rows never exceed the rows in use.
+    """
+
+    def __init__(self, first: Tensor) -> None:
+        self.n = first.numel()
+        self.rows = 0
+        self._blocks: list[Tensor] = []
+        self._free = 0
+        self.append(first)
+
+    def append(self, q: Tensor) -> None:
+        if self._free == 0:
+            size = min(64, max(8, self.rows))
+            self._blocks.append(q.new_empty(size, self.n))
+            self._free = size
+        block = self._blocks[-1]
+        block[block.shape[0] - self._free] = q
+        self._free -= 1
+        self.rows += 1
+
+    def _filled(self) -> list[Tensor]:
+        out = self._blocks[:-1]
+        last = self._blocks[-1]
+        return [*out, last[: last.shape[0] - self._free]]
+
+    def row(self, i: int) -> Tensor:
+        i = i % self.rows
+        for block in self._filled():
+            if i < block.shape[0]:
+                return block[i]
+            i -= block.shape[0]
+        raise IndexError(i)
+
+    def project_out(self, w: Tensor) -> Tensor:
+        """``w - Q^T Q w`` (one classical Gram-Schmidt pass) for a vector or rows ``(b, n)``."""
+        blocks = self._filled()
+        if w.dim() == 1:
+            coeffs = [b @ w for b in blocks]
+            return w - sum(b.T @ c for b, c in zip(blocks, coeffs, strict=True))
+        coeffs = [w @ b.T for b in blocks]
+        return w - sum(c @ b for b, c in zip(blocks, coeffs, strict=True))
+
+    def dense(self) -> Tensor:
+        """The rows ``q_1..q_m`` as one ``(m, n)`` tensor (a copy)."""
+        return torch.cat(self._filled())
+
+
 @dataclass
 class LanczosResult:
     """Ritz values (ascending), first-row weights ``S[0, i]^2``, residuals, the step count and
@@ -39,7 +92,7 @@ class LanczosResult:
     residuals: Tensor     # (m,) float64: beta_m |e_m^T s_i|
     steps: int
     converged: bool
-    basis: Tensor         # (m, n) in the start vector's dtype
+    basis: LanczosBasis   # rows q_1..q_m in the start vector's dtype
 
 
 def rademacher(n: int, generator: torch.Generator | None, like: Tensor, rows: int = 0) -> Tensor:
@@ -59,11 +112,11 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> Tensor:
     return t
 
 
-def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+def _orthogonalize(w: Tensor, basis: LanczosBasis) -> Tensor:
     # Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005): keeps the basis
     # orthogonal to working precision, so no spurious copies of converged Ritz values appear.
     for _ in range(2):
-        w = w - basis.T @ (basis @ w)
+        w = basis.project_out(w)
     return w
 
 
@@ -91,7 +144,7 @@ def lanczos(
     n = start.numel()
     max_steps = min(max_steps, n)
     q = start / start.norm()
-    basis = q.unsqueeze(0)
+    basis = LanczosBasis(q)
     alpha: list[float] = []
     beta: list[float] = []
     eps = torch.finfo(start.dtype).eps
@@ -102,7 +155,7 @@ def lanczos(
         a = float(torch.dot(q, w))
         w = w - a * q
         if step > 1 and beta[-1] != 0.0:
-            w = w - beta[-1] * basis[-2]
+            w = w - beta[-1] * basis.row(-2)
         w = _orthogonalize(w, basis)
         b = float(w.norm())
         alpha.append(a)
@@ -117,7 +170,7 @@ def lanczos(
             callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
-        can_restart = breakdown and restart_on_breakdown and basis.shape[0] < n
+        can_restart = breakdown and restart_on_breakdown and basis.rows < n
         if tol is not None and step >= k and not can_restart:
             idx = _wanted(theta, k, which)
             floor = 100 * eps * scale
@@ -128,7 +181,7 @@ def lanczos(
         if step == max_steps:
             break
         if breakdown:
-            if not restart_on_breakdown or basis.shape[0] >= n:
+            if not restart_on_breakdown or basis.rows >= n:
                 converged = True
                 break
             # Continue in the orthogonal complement: T gets a zero off-diagonal entry.
@@ -141,7 +194,7 @@ def lanczos(
         else:
             q = w / b
             beta.append(b)
-        basis = torch.cat([basis, q.unsqueeze(0)])
+        basis.append(q)
     return LanczosResult(ritz, weights, residuals, len(alpha), converged, basis)
 
 

@@ -34,6 +34,7 @@ n`` for krylov, ``m/3 >= n`` for Hutch++) the estimate is exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,14 +95,14 @@ def _std_error(samples: Tensor) -> float:
 
 
 def _probe_samples(apply: _Blocked, n: int, r: int, generator, like: Tensor,
-                   basis: Tensor | None = None) -> Tensor:
-    """``g'^T H g'`` for ``r`` Rademacher probes ``g`` (projected out of ``basis``' rows), drawn
-    ``apply.block`` at a time so that only one block of probes is ever held."""
+                   project: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``g'^T H g'`` for ``r`` Rademacher probes ``g`` (``g' = project(g)``, the part outside
+    the deflation basis), drawn ``apply.block`` at a time so that only one block is ever held."""
     out = []
     for start in range(0, r, apply.block):
         g = rademacher(n, generator, like, rows=min(apply.block, r - start))
-        if basis is not None:
-            g = g - (g @ basis.T) @ basis
+        if project is not None:
+            g = project(g)
         out.append((g * apply(g)).sum(dim=1))
     return torch.cat(out)
 
@@ -111,16 +112,17 @@ def hutchinson(apply: _Blocked, n: int, m: int, generator, like: Tensor) -> Trac
     return TraceEstimate(float(samples.double().mean()), _std_error(samples), m, "hutchinson")
 
 
-def _deflated(top: float, basis: Tensor, used: int, apply: _Blocked, n: int, m: int,
-              generator, like: Tensor, method: str) -> TraceEstimate:
-    """``tr(Q^T H Q) = top`` plus Hutchinson on the remainder with the ``m - used`` products
-    left."""
-    if basis.shape[0] >= n:
+def _deflated(top: float, rank: int, project: Callable[[Tensor], Tensor], used: int,
+              apply: _Blocked, n: int, m: int, generator, like: Tensor, method: str
+              ) -> TraceEstimate:
+    """``tr(Q^T H Q) = top`` plus Hutchinson on the remainder (``project`` removes the ``rank``
+    basis directions) with the ``m - used`` products left."""
+    if rank >= n:
         return TraceEstimate(top, 0.0, used, method)
     r = m - used
     if r <= 0:
         return TraceEstimate(top, math.inf, used, method)
-    samples = _probe_samples(apply, n, r, generator, like, basis)
+    samples = _probe_samples(apply, n, r, generator, like, project)
     return TraceEstimate(top + float(samples.double().mean()), _std_error(samples), m, method)
 
 
@@ -132,7 +134,8 @@ def hutchpp(apply: _Blocked, n: int, m: int, generator, like: Tensor) -> TraceEs
     y = apply(s)                                           # (s_cols, n): rows are H s_j
     q = torch.linalg.qr(y.T).Q.T                           # orthonormal rows spanning range(Y)
     top = float((q * apply(q)).sum().double())              # tr(Q^T H Q)
-    return _deflated(top, q, 2 * s_cols, apply, n, m, generator, like, "hutch++")
+    return _deflated(top, q.shape[0], lambda g: g - (g @ q.T) @ q, 2 * s_cols, apply, n, m,
+                     generator, like, "hutch++")
 
 
 def krylov(op: CurvatureOperator, apply: _Blocked, m: int, generator, like: Tensor
@@ -145,7 +148,8 @@ def krylov(op: CurvatureOperator, apply: _Blocked, m: int, generator, like: Tens
     # basis keeps growing (and spans everything, exactly, once it has n rows).
     res = lanczos(op.matvec, start, min(m // 2, n), tol=None, generator=generator)
     top = float(res.ritz.sum())                             # tr(T) = sum_i q_i^T H q_i
-    return _deflated(top, res.basis, res.steps, apply, n, m, generator, like, "krylov")
+    return _deflated(top, res.basis.rows, res.basis.project_out, res.steps, apply, n, m,
+                     generator, like, "krylov")
 
 
 def trace(
