@@ -10,14 +10,18 @@ What it measures (results in ``benchmarks/results/hessian.md`` and ``.json``):
    ``hessian.eigenvalues`` (power iteration, its default ``tol=1e-3``); plus, for both, the first
    product count at which the running estimate is within 1e-3 of the reference (an oracle stop).
    The reference is a Lanczos run to residual 1e-9 (a guaranteed bound).
-3. Trace at equal budgets of products: PyHessian's Hutchinson, ours, and Hutch++, against the
-   exact trace (sum of ``e_i^T H e_i`` over all coordinates), RMS relative error over seeds.
+   Settings: one batch (both libraries keep the gradient graph) and several batches (PyHessian in
+   its dataloader mode), all parameters and the last layer only; and the top 5 eigenvalues
+   (PyHessian: power iteration with deflation, one eigenvalue after the other).
+3. Trace at equal budgets of products: flatminima's krylov (default), Hutch++ and Hutchinson and
+   PyHessian's Hutchinson against the exact trace (sum of ``e_i^T H e_i`` over all coordinates),
+   RMS relative error over seeds, and Hutchinson's error in closed form from the dense Hessian.
 
 PyHessian is not a dependency of flatminima: run this file with a Python that has it, e.g.
 
     python3 -m venv /tmp/venv-pyhessian
     /tmp/venv-pyhessian/bin/pip install torch==2.13.0 pyhessian
-    /tmp/venv-pyhessian/bin/python benchmarks/hessian.py            # ~4 minutes on 2 CPU cores
+    /tmp/venv-pyhessian/bin/python benchmarks/hessian.py            # ~15 minutes on 2 CPU cores
 
 Data: 28x28 MNIST from ``../shared/data/mnist`` when present (IDX files), else a synthetic
 10-class image set of the same shape (the results file says which).
@@ -133,25 +137,40 @@ class Counter:
         self.calls, self.record, self.trace, self.stop_at = 0, record, [], stop_at
         self.t0 = clock()
         self._orig = pyh_mod.hessian_vector_product
+        # Dataset mode: one call of dataloader_hv_product is one product over all batches.
+        self._orig_loader = PyHessian.dataloader_hv_product
+
+    def _count(self, rq: float | None) -> None:
+        self.calls += 1
+        if self.record:
+            self.trace.append((self.calls, clock() - self.t0, rq))
+            if self.stop_at is not None and len(self.trace) >= 5:
+                ref, rtol = self.stop_at
+                if all(abs(t[2] - ref) <= rtol * abs(ref) for t in self.trace[-5:]):
+                    raise _Converged
 
     def __enter__(self) -> Counter:
         def wrapped(grads, params, v):
             hv = self._orig(grads, params, v)
-            self.calls += 1
-            if self.record:
-                rq = float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))
-                self.trace.append((self.calls, clock() - self.t0, rq))
-                if self.stop_at is not None and len(self.trace) >= 5:
-                    ref, rtol = self.stop_at
-                    if all(abs(t[2] - ref) <= rtol * abs(ref) for t in self.trace[-5:]):
-                        raise _Converged
+            rq = (float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))
+                  if self.record else None)
+            self._count(rq)
             return hv
 
+        orig_loader = self._orig_loader
+
+        def wrapped_loader(hc, v):
+            rq, hv = orig_loader(hc, v)
+            self._count(rq)
+            return rq, hv
+
         pyh_mod.hessian_vector_product = wrapped
+        PyHessian.dataloader_hv_product = wrapped_loader
         return self
 
     def __exit__(self, exc_type, *exc) -> bool:
         pyh_mod.hessian_vector_product = self._orig
+        PyHessian.dataloader_hv_product = self._orig_loader
         return exc_type is _Converged
 
 
@@ -176,11 +195,14 @@ class OurCounter:
         CurvatureOperator.matmat = self._orig
 
 
-def pyhessian_for(model, batch):
+def pyhessian_for(model, data):
+    """PyHessian on one batch (graph kept) or, for a list of batches, in its dataloader mode."""
     # PyHessian calls loss.backward(create_graph=True): stale .grad from an earlier instance
     # would be added into its gradient (and so into its Hessian). Start from clean grads.
     model.zero_grad(set_to_none=True)
-    return PyHessian(model, F.cross_entropy, data=batch, cuda=False)
+    if isinstance(data, list):
+        return PyHessian(model, F.cross_entropy, dataloader=data, cuda=False)
+    return PyHessian(model, F.cross_entropy, data=data, cuda=False)
 
 
 def timed(fn, repeats: int) -> float:
@@ -216,8 +238,7 @@ def bench_hvp(model, x, y, repeats: int) -> dict:
     n = op_db.size
     v = torch.randn(n)
     vs = torch.randn(8, n)
-    out["graph_build_ms"] = 1e3 * timed(lambda: op_db._grad_graph(op_db.batches, op_db.weights),
-                                        repeats)
+    out["graph_build_ms"] = 1e3 * timed(lambda: op_db._grad_graph(0), repeats)
     op_db.matvec(v)  # builds and keeps the graph
     out["double_backward_kept_ms"] = 1e3 * timed(lambda: op_db.matvec(v), repeats)
     out["double_backward_rebuilt_ms"] = 1e3 * timed(lambda: op_db_re.matvec(v), repeats)
@@ -268,30 +289,33 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
     rows = []
     for seed in seeds:
         row = {"seed": seed}
-        # flatminima, its own stopping rule
-        with OurCounter() as c:
-            t0 = clock()
-            ours = fh.eigenvalues(model, F.cross_entropy, batch, k=k, tol=1e-3, params=params,
-                                  generator=torch.Generator().manual_seed(seed)).double()
-            row["ours_s"] = clock() - t0
-        row["ours_matvecs"] = c.calls
-        row["ours_rel_err"] = float(((ours - ref).abs() / ref.abs()).max())
-        # flatminima, oracle stop: first Lanczos step with the top-k Ritz values within 1e-3
-        if k == 1:
-            t0 = clock()
-            op = CurvatureOperator(model, F.cross_entropy, batch, params)
-            hist = []
 
-            def cb(step, ritz, _res, hist=hist, t0=t0):
-                hist.append((step, clock() - t0, float(ritz.max())))
+        def run_ours(row: dict = row, seed: int = seed) -> None:
+            # flatminima, its own stopping rule
+            with OurCounter() as c:
+                t0 = clock()
+                ours = fh.eigenvalues(model, F.cross_entropy, batch, k=k, tol=1e-3, params=params,
+                                      generator=torch.Generator().manual_seed(seed)).double()
+                row["ours_s"] = clock() - t0
+            row["ours_matvecs"] = c.calls
+            row["ours_rel_err"] = float(((ours - ref).abs() / ref.abs()).max())
+            # flatminima, oracle stop: first Lanczos step with the top-k Ritz values within 1e-3
+            if k == 1:
+                t0 = clock()
+                op = CurvatureOperator(model, F.cross_entropy, batch, params)
+                hist = []
 
-            # The same start vector as the run above; its trajectory up to that run's stop
-            # contains the first step within 1e-3.
-            lanczos(op.matvec, rademacher(op.size, torch.Generator().manual_seed(seed), op.w0),
-                    row["ours_matvecs"], tol=None, callback=cb)
-            hit = first_within(hist, float(ref[0]), 1e-3)
-            row["ours_oracle_matvecs"], row["ours_oracle_s"] = hit if hit else (None, None)
-        if pyhessian is not None:
+                def cb(step, ritz, _res, hist=hist, t0=t0):
+                    hist.append((step, clock() - t0, float(ritz.max())))
+
+                # The same start vector as the run above; its trajectory up to that run's stop
+                # contains the first step within 1e-3.
+                lanczos(op.matvec, rademacher(op.size, torch.Generator().manual_seed(seed), op.w0),
+                        row["ours_matvecs"], tol=None, callback=cb)
+                hit = first_within(hist, float(ref[0]), 1e-3)
+                row["ours_oracle_matvecs"], row["ours_oracle_s"] = hit if hit else (None, None)
+
+        def run_pyhessian(row: dict = row, seed: int = seed) -> None:
             torch.manual_seed(seed)
             with Counter() as c, only_trainable(model, names):
                 t0 = clock()
@@ -309,6 +333,13 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
                     hc.eigenvalues(maxIter=pyh_iter, tol=0.0, top_n=1)
                 hit = first_within(c.trace, float(ref[0]), 1e-3)
                 row["pyh_oracle_matvecs"], row["pyh_oracle_s"] = hit if hit else (None, None)
+
+        # Alternate which library goes first: on a shared machine the first of two runs can
+        # be systematically slower or faster (caches, allocator, neighbours).
+        order = [run_ours, run_pyhessian] if seed % 2 == 0 else [run_pyhessian, run_ours]
+        for run in order:
+            if run is run_ours or pyhessian is not None:
+                run()
         rows.append(row)
         print(f"  k={k} seed {seed}: " + ", ".join(
             f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
@@ -317,31 +348,46 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
 
 
 # --- 3. trace ---------------------------------------------------------------------------------
-def exact_trace(model, batch) -> float:
+def curvature_stats(model, batch) -> dict:
+    """Exact ``tr(H)``, ``||H||_F^2`` and ``sum_i H_ii^2`` from all ``n`` rows ``H e_i``."""
     op = CurvatureOperator(model, F.cross_entropy, batch)
-    total, block = 0.0, 256
+    trace = fro = diag_sq = 0.0
+    block = 256
     for i in range(0, op.size, block):
         j = min(op.size, i + block)
         e = torch.zeros(j - i, op.size)
         e[torch.arange(j - i), torch.arange(i, j)] = 1.0
-        total += float(op.matmat(e)[torch.arange(j - i), torch.arange(i, j)].double().sum())
-    return total
+        rows = op.matmat(e).double()
+        d = rows[torch.arange(j - i), torch.arange(i, j)]
+        trace += float(d.sum())
+        diag_sq += float((d * d).sum())
+        fro += float((rows * rows).sum())
+    return {"exact": trace, "frobenius_sq": fro, "diag_sq": diag_sq}
 
 
-def bench_trace(model, batch, budgets: list[int], seeds: list[int]) -> dict:
-    exact = exact_trace(model, batch)
-    out = {"exact": exact, "budgets": {}}
+def hutchinson_expected_rms(stats: dict, m: int) -> float:
+    """Relative RMS error of Hutchinson with ``m`` Rademacher probes, in closed form:
+    ``Var[z^T H z] = 2 (||H||_F^2 - sum_i H_ii^2)``, so the error is ``sqrt(that / m) / tr``."""
+    return math.sqrt(2 * (stats["frobenius_sq"] - stats["diag_sq"]) / m) / abs(stats["exact"])
+
+
+def bench_trace(model, batch, budgets: list[int], seeds: list[int], pyh_seeds: list[int]
+                ) -> dict:
+    stats = curvature_stats(model, batch)
+    exact = stats["exact"]
+    out = {**stats, "seeds": len(seeds), "pyh_seeds": len(pyh_seeds), "budgets": {}}
     for m in budgets:
-        errs: dict[str, list[float]] = {"hutch++": [], "hutchinson": [], "pyhessian": []}
+        errs: dict[str, list[float]] = {key: [] for key in (*fh.TRACE_METHODS, "pyhessian")}
         times: dict[str, list[float]] = {key: [] for key in errs}
-        for seed in seeds:
-            for method in ("hutch++", "hutchinson"):
+        for method in fh.TRACE_METHODS:
+            for seed in seeds:
                 t0 = clock()
                 t = fh.trace(model, F.cross_entropy, batch, m, method=method,
                              generator=torch.Generator().manual_seed(seed))
                 times[method].append(clock() - t0)
                 errs[method].append((float(t) - exact) / exact)
-            if pyhessian is not None:
+        if pyhessian is not None:
+            for seed in pyh_seeds:
                 torch.manual_seed(seed)
                 t0 = clock()
                 hc = pyhessian_for(model, batch)
@@ -353,6 +399,8 @@ def bench_trace(model, batch, budgets: list[int], seeds: list[int]) -> dict:
                   "median_s": statistics.median(times[key])}
             for key, v in errs.items() if v
         }
+        out["budgets"][m]["hutchinson_expected"] = {
+            "rms_rel_err": hutchinson_expected_rms(stats, m)}
         print(f"  trace m={m}: " + ", ".join(
             f"{key} {val['rms_rel_err']:.3g}" for key, val in out["budgets"][m].items()),
             flush=True)
@@ -365,6 +413,17 @@ def med(rows, key):
     return statistics.median(vals) if vals else float("nan")
 
 
+SCENARIOS = (
+    ("eigen_k1", "2a. Top eigenvalue, CNN, all parameters, one batch"),
+    ("eigen_last", "2b. Top eigenvalue, CNN, last layer only (the NRS paper's Table 3 measure), "
+                   "one batch"),
+    ("eigen_mlp", "2c. Top eigenvalue, MLP, all parameters, one batch"),
+    ("eigen_ds", "2d. Top eigenvalue, CNN, all parameters, several batches"),
+    ("eigen_ds_last", "2e. Top eigenvalue, CNN, last layer only, several batches"),
+    ("eigen_k5", "2f. Top 5 eigenvalues, CNN, all parameters, one batch"),
+)
+
+
 def write_report(res: dict) -> str:
     env, hv = res["env"], res["hvp"]
     lines = [
@@ -374,12 +433,17 @@ def write_report(res: dict) -> str:
         f"torch {env['torch']} ({env['threads']} thread), PyHessian {env['pyhessian']}, "
         f"Python {env['python']}. Times are CPU seconds of the benchmark process "
         "(`time.process_time`), which the shared machine's load disturbs far less than wall "
-        "time; product counts are exact.",
-        f"Data: {env['data']}; measurement batch of {env['batch']} images (one batch, so both "
-        "libraries keep the gradient graph). Generated by `benchmarks/hessian.py` "
-        f"on {env['date']}; total {res['seconds']:.0f} s.",
+        "time; product counts are exact. For each start vector the two libraries take turns "
+        "at running first.",
+        f"Data: {env['data']}. Models: a CNN with BatchNorm ({env['cnn_params']} parameters, "
+        f"last layer {env['cnn_last_params']}) and an MLP ({env['mlp_params']} parameters), "
+        f"trained briefly with SGD. \"One batch\": {env['batch']} images, both libraries keep "
+        f"the gradient graph. \"Several batches\": {env['ds_images']} images in batches of "
+        f"{env['batch']}, PyHessian in its dataloader mode. Generated by "
+        f"`benchmarks/hessian.py` on {env['date']}; total {res['seconds']:.0f} s.",
         "",
-        f"## 1. Hessian-vector product strategies (CNN, {env['cnn_params']} parameters)",
+        f"## 1. Hessian-vector product strategies (CNN, {env['cnn_params']} parameters, one "
+        "batch)",
         "",
         "| strategy | CPU ms per product |",
         "|---|---|",
@@ -403,15 +467,15 @@ def write_report(res: dict) -> str:
         f"All strategies agree (max relative difference {agree:.1e}). Decision for "
         f"`mode=\"auto\"`: {res['decision']}",
         "",
+        "Where the time goes in sections 2d-2e: flatminima keeps the gradient graph of every "
+        "batch when all of them fit a quarter of the available memory (PyHessian's dataloader "
+        "mode rebuilds forward, backward and graph for every batch and product), and for a "
+        "parameter subset owned by the output module (the last layer) it computes that "
+        "module's inputs once and runs every product through it alone (checked to be exact; "
+        "`flatminima/hessian/_trunk.py`).",
+        "",
     ]
-    scenarios = (
-        ("eigen_k1", f"2a. Top eigenvalue, CNN, all {env['cnn_params']} parameters"),
-        ("eigen_last", "2b. Top eigenvalue, CNN, last layer only (the NRS paper's Table 3 "
-                       "measure)"),
-        ("eigen_mlp", f"2c. Top eigenvalue, MLP, all {env['mlp_params']} parameters"),
-        ("eigen_k5", "2d. Top 5 eigenvalues, CNN"),
-    )
-    for key, title in scenarios:
+    for key, title in SCENARIOS:
         if key not in res:
             continue
         e = res[key]
@@ -430,8 +494,10 @@ def write_report(res: dict) -> str:
             f"{med(rows, 'ours_rel_err'):.1e} |",
         ]
         if "pyh_s" in rows[0]:
+            rule = ("relative change < 1e-3 (default), deflation for each further eigenvalue"
+                    if not one else "relative change < 1e-3 (default)")
             lines.append(
-                f"| PyHessian power iteration | relative change < 1e-3 (default) | "
+                f"| PyHessian power iteration | {rule} | "
                 f"{med(rows, 'pyh_matvecs'):.0f} | {med(rows, 'pyh_s'):.2f} | "
                 f"{med(rows, 'pyh_rel_err'):.1e} |")
         if one:
@@ -458,20 +524,26 @@ def write_report(res: dict) -> str:
         lines.append("")
     t = res["trace"]
     lines += [
-        f"## 3. Trace at equal budgets (MLP, {env['mlp_params']} parameters; exact trace "
-        f"{t['exact']:.6g} from all {env['mlp_params']} coordinate products)",
+        f"## 3. Trace at equal budgets (MLP, {env['mlp_params']} parameters, one batch)",
         "",
-        f"RMS relative error over {env['trace_seeds']} seeds.",
+        f"Exact trace {t['exact']:.6g} from all {env['mlp_params']} coordinate products. RMS "
+        f"relative error over {t['seeds']} seeds for flatminima's estimators and "
+        f"{t['pyh_seeds']} for PyHessian's (an RMS over S seeds is itself uncertain by about "
+        "1/sqrt(2S): 7% at 100 seeds); \"expected\" is Hutchinson's RMS error in closed form, "
+        "sqrt(2 (||H||_F^2 - sum_i H_ii^2) / m) / tr(H), from the dense Hessian. Ratios are to "
+        "that closed form.",
         "",
-        "| products | Hutch++ (flatminima) | Hutchinson (flatminima) | Hutchinson (PyHessian) "
-        "| Hutch++ / Hutchinson |",
-        "|---|---|---|---|---|",
+        "| products | krylov (default) | Hutch++ | Hutchinson (flatminima) | Hutchinson "
+        "(PyHessian) | Hutchinson expected | krylov / Hutchinson | Hutch++ / Hutchinson |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, b in t["budgets"].items():
         pyh = f"{b['pyhessian']['rms_rel_err']:.3g}" if "pyhessian" in b else "n/a"
-        ratio = b["hutch++"]["rms_rel_err"] / b["hutchinson"]["rms_rel_err"]
-        lines.append(f"| {m} | {b['hutch++']['rms_rel_err']:.3g} | "
-                     f"{b['hutchinson']['rms_rel_err']:.3g} | {pyh} | {ratio:.2f} |")
+        ref = b["hutchinson_expected"]["rms_rel_err"]
+        lines.append(
+            f"| {m} | {b['krylov']['rms_rel_err']:.3g} | {b['hutch++']['rms_rel_err']:.3g} | "
+            f"{b['hutchinson']['rms_rel_err']:.3g} | {pyh} | {ref:.3g} | "
+            f"{b['krylov']['rms_rel_err'] / ref:.2f} | {b['hutch++']['rms_rel_err'] / ref:.2f} |")
     lines.append("")
     lines += targets(res)
     return "\n".join(lines)
@@ -480,27 +552,51 @@ def write_report(res: dict) -> str:
 def targets(res: dict) -> list[str]:
     """The project's two targets, checked against the numbers above."""
     out = ["## Targets", ""]
-    for key, name in (("eigen_k1", "CNN, all parameters"), ("eigen_last", "CNN, last layer"),
-                      ("eigen_mlp", "MLP, all parameters")):
+    for key, title in SCENARIOS:
         rows = res.get(key, {}).get("runs", [])
-        ok = [r for r in rows if r.get("pyh_oracle_s") and r.get("ours_oracle_s")]
-        if not ok:
+        if not rows or "pyh_s" not in rows[0]:
             continue
-        prod = statistics.median(r["pyh_oracle_matvecs"] / r["ours_oracle_matvecs"] for r in ok)
-        cpu = statistics.median(r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok)
+        name = title.split(". ", 1)[1]
         own = statistics.median(r["pyh_s"] / r["ours_s"] for r in rows)
         missed = sum(r["pyh_rel_err"] > 1e-3 for r in rows)
-        verdict = "met" if min(cpu, own) >= 3 else "not met"
+        ok = [r for r in rows if r.get("pyh_oracle_s") and r.get("ours_oracle_s")]
+        if ok:
+            prod = statistics.median(r["pyh_oracle_matvecs"] / r["ours_oracle_matvecs"]
+                                     for r in ok)
+            cpu = statistics.median(r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok)
+            verdict = "met" if min(cpu, own) >= 3 else "not met"
+            out.append(
+                f"- {name}: PyHessian needs {prod:.1f}x the products to reach 1e-3; CPU time "
+                f"ratio {cpu:.1f}x at the oracle stop and {own:.1f}x at each library's own "
+                f"stopping rule (PyHessian's own rule missed 1e-3 on {missed} of {len(rows)} "
+                f"starts). Target 3x: **{verdict}**.")
+        else:
+            verdict = "met" if own >= 3 else "not met"
+            out.append(
+                f"- {name}: CPU time ratio {own:.1f}x at each library's own stopping rule "
+                f"(PyHessian missed 1e-3 on {missed} of {len(rows)} starts). Target 3x: "
+                f"**{verdict}**.")
+    if "eigen_k5" in res and "eigen_k1" in res:
+        top = res["eigen_k5"]["reference"]
+        rows = res["eigen_k1"]["runs"]
         out.append(
-            f"- Top eigenvalue, {name}: PyHessian needs {prod:.1f}x the products to reach 1e-3; "
-            f"CPU time ratio {cpu:.1f}x at the oracle stop and {own:.1f}x at each library's own "
-            f"stopping rule (PyHessian's own rule missed 1e-3 on {missed} of {len(rows)} "
-            f"starts). Target 3x: **{verdict}**.")
+            f"- Why not 3x for one top eigenvalue of all parameters: the top eigenvalue is well "
+            f"separated ({top[0]:.3g} against {top[1]:.3g} next, ratio {top[1] / top[0]:.2f}), "
+            f"so power iteration is within 1e-3 after "
+            f"{med(rows, 'pyh_oracle_matvecs'):.0f} products and Lanczos after "
+            f"{med(rows, 'ours_oracle_matvecs'):.0f}; with a guaranteed stopping rule Lanczos "
+            f"needs about two products more. Both libraries spend each product in the same "
+            f"autograd double-backward (section 1), so the time ratio cannot exceed the product "
+            f"ratio; over several batches keeping the graphs saves the rebuild (about a third "
+            f"of a product). The 3x is reached where the products differ in number or in cost: "
+            f"several eigenvalues at once, and a last layer over several batches.")
     for m, b in res["trace"]["budgets"].items():
-        ratio = b["hutch++"]["rms_rel_err"] / b["hutchinson"]["rms_rel_err"]
-        verdict = "met" if ratio <= 0.5 else "not met"
-        out.append(f"- Trace, {m} products: Hutch++ error / Hutchinson error = {ratio:.2f}. "
-                   f"Target <= 0.5: **{verdict}**.")
+        ref = b["hutchinson_expected"]["rms_rel_err"]
+        pp, kr = b["hutch++"]["rms_rel_err"] / ref, b["krylov"]["rms_rel_err"] / ref
+        out.append(
+            f"- Trace, {m} products: error / Hutchinson's = {pp:.2f} for Hutch++ "
+            f"(**{'met' if pp <= 0.5 else 'not met'}**), {kr:.2f} for krylov "
+            f"(**{'met' if kr <= 0.5 else 'not met'}**); target <= 0.5.")
     out.append("")
     return out
 
@@ -509,8 +605,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer seeds and budgets (smoke run)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--top5", action="store_true",
-                    help="also top-5 eigenvalues (PyHessian deflation: up to 500 products)")
     ap.add_argument("--from-json", action="store_true",
                     help="rewrite hessian.md from the stored hessian.json without measuring")
     args = ap.parse_args()
@@ -523,6 +617,8 @@ def main() -> int:
     n_train, n_batch = (2000, 256) if args.quick else (6000, 512)
     x, y, data_name = load_data(n_train)
     batch = (x[:n_batch], y[:n_batch])
+    n_ds = 1024 if args.quick else 2048
+    batches = [(x[i : i + n_batch], y[i : i + n_batch]) for i in range(0, n_ds, n_batch)]
     print("training models ...", flush=True)
     torch.manual_seed(0)  # the initial weights too, so reruns measure the same models
     model_cnn = train(cnn(), x, y, epochs=1 if args.quick else 3)
@@ -538,9 +634,10 @@ def main() -> int:
         "data": data_name,
         "batch": n_batch,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "ds_images": n_ds,
         "cnn_params": sum(p.numel() for p in model_cnn.parameters()),
+        "cnn_last_params": sum(p.numel() for p in model_cnn[-1].parameters()),
         "mlp_params": sum(p.numel() for p in model_mlp.parameters()),
-        "trace_seeds": 3 if args.quick else 6,
     }
     res: dict = {"env": env}
     print("hvp strategies ...", flush=True)
@@ -550,9 +647,9 @@ def main() -> int:
     rebuilt = hv["double_backward_rebuilt_ms"]
     res["decision"] = (
         f"double-backward with the graph kept ({kept:.1f} ms) beats forward-over-reverse "
-        f"({fr:.1f} ms) by {fr / kept:.1f}x once the graph is built, so it is the default "
-        f"whenever the graph is kept (one batch); rebuilding it per product costs {rebuilt:.1f} "
-        f"ms against forward-over-reverse's {fr:.1f} ms."
+        f"({fr:.1f} ms) by {fr / kept:.1f}x once the graph is built, so it is the default, "
+        f"and the graphs are kept whenever they fit in memory; rebuilding one per product "
+        f"costs {rebuilt:.1f} ms against forward-over-reverse's {fr:.1f} ms."
     )
     seeds = [0, 1] if args.quick else [0, 1, 2]
     print("top eigenvalue ...", flush=True)
@@ -563,12 +660,17 @@ def main() -> int:
                                     params="last_layer")
     print("top eigenvalue of the MLP ...", flush=True)
     res["eigen_mlp"] = bench_eigen(model_mlp, batch, seeds, 1, pyh_iter=pyh_iter)
-    if args.top5:
-        print("top 5 eigenvalues ...", flush=True)
-        res["eigen_k5"] = bench_eigen(model_cnn, batch, seeds[:2], 5, pyh_iter=0)
+    print(f"top eigenvalue over {len(batches)} batches ...", flush=True)
+    res["eigen_ds"] = bench_eigen(model_cnn, batches, seeds, 1, pyh_iter=pyh_iter)
+    print(f"top eigenvalue of the last layer over {len(batches)} batches ...", flush=True)
+    res["eigen_ds_last"] = bench_eigen(model_cnn, batches, seeds, 1, pyh_iter=pyh_iter,
+                                       params="last_layer")
+    print("top 5 eigenvalues ...", flush=True)
+    res["eigen_k5"] = bench_eigen(model_cnn, batch, seeds[:2], 5, pyh_iter=0)
     print("trace ...", flush=True)
     budgets = [30, 90] if args.quick else [30, 60, 120, 240]
-    res["trace"] = bench_trace(model_mlp, batch, budgets, list(range(env["trace_seeds"])))
+    res["trace"] = bench_trace(model_mlp, batch, budgets, list(range(8 if args.quick else 100)),
+                               list(range(3 if args.quick else 20)))
     res["seconds"] = time.perf_counter() - t_start
     report = write_report(res)
     print(report)
