@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, hessian, jacrev
 
 import flatminima.hessian as fh
+from flatminima._params import FlatParams
 from tests.test_hessian import batch, dense_hessian, gen, tiny_mlp
 
 
@@ -126,3 +128,62 @@ def test_graphs_kept_within_budget_and_rebuilt_beyond_it():
     single = fh.CurvatureOperator(model, F.cross_entropy, (x, y), memory=0)
     single.matvec(vs[0])
     assert single._graphs[0] is not None
+
+
+class ConvBN(nn.Module):
+    def __init__(self, affine: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3, affine=affine)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn2(self.conv(x))).flatten(1)
+        return self.head(torch.tanh(self.bn1(self.fc(h))))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("curvature,mode", [("hessian", "double_backward"),
+                                            ("hessian", "forward_over_reverse"),
+                                            ("ggn", "auto")])
+def test_eval_batchnorm_as_affine_map_is_exact(affine, curvature, mode):
+    torch.manual_seed(1)
+    model = ConvBN(affine).double()
+    for m in (model.bn1, model.bn2):              # non-trivial running statistics
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    g = gen(5)
+    x, y = torch.randn(12, 2, 4, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (12,))
+    op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode)
+    assert len(op._norms) == 2
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = FlatParams.of(params)
+    w0 = flat.flatten(params)
+
+    def f(w):   # the unpatched model: the fused BatchNorm kernel
+        return functional_call(model, flat.unflatten(w), (x,))
+
+    if curvature == "hessian":
+        ref = hessian(lambda w: F.cross_entropy(f(w), y))(w0)
+    else:
+        out = f(w0)
+        j = jacrev(f)(w0).reshape(-1, w0.numel())
+        hl = hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
+        ref = j.T @ hl @ j
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+    torch.testing.assert_close(products(op), vs @ ref, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.loss(), F.cross_entropy(model(x), y), rtol=1e-12, atol=0)
+    assert all("forward" not in m.__dict__ for m in (model.bn1, model.bn2))  # restored
+
+
+def test_batchnorm_in_train_mode_is_left_alone():
+    from flatminima.hessian._eval_norm import eval_batchnorms
+
+    model = ConvBN()
+    assert eval_batchnorms(model.train()) == []
+    assert len(eval_batchnorms(model.eval())) == 2
+    model.bn1.track_running_stats, model.bn1.running_mean, model.bn1.running_var = False, None, None
+    assert eval_batchnorms(model) == [model.bn2]      # no running statistics: batch statistics

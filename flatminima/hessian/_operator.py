@@ -33,6 +33,9 @@ Two caches make repeated products cheap without changing the operator:
 * when the selected parameters all belong to one module whose output is the model's output (a
   last layer), the inputs of that module are computed once and every product runs through it
   alone (:mod:`flatminima.hessian._trunk`, which checks that this is exact).
+
+And eval-mode BatchNorm is evaluated as the affine map it is (:mod:`flatminima.hessian._eval_norm`),
+whose double-backward is cheaper than that of the fused kernel.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from flatminima._params import (
     model_device,
     select_params,
 )
+from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms
 from flatminima.hessian._trunk import Trunk, capture_trunk
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -153,6 +157,8 @@ class CurvatureOperator:
         if mode == "auto":
             mode = "double_backward"
         self.mode = mode
+        # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper.
+        self._norms = eval_batchnorms(model)
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
@@ -167,9 +173,10 @@ class CurvatureOperator:
     def outputs(self, w: Tensor, i: int) -> Tensor:
         """Model outputs on batch ``i`` at flat parameters ``w`` (other parameters fixed)."""
         params = self.flat.unflatten(w)
-        if self.trunk is not None:
-            return self.trunk.outputs(params, i)
-        return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
+        with affine_batchnorm(self._norms):
+            if self.trunk is not None:
+                return self.trunk.outputs(params, i)
+            return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
 
     def batch_loss(self, w: Tensor, i: int) -> Tensor:
         return self.loss_fn(self.outputs(w, i), self.batches[i][1])
