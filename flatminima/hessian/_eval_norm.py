@@ -5,8 +5,8 @@ running statistics ``mu, var``: an affine map of ``x``, ``y = x * s + t`` with
 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mu * s``. PyTorch differentiates its fused
 kernel twice through a general double-backward that also carries the batch-statistics terms of
 train mode; writing the same function as ``x * s + t`` makes every Hessian-vector product about
-1.3x cheaper on a CNN with BatchNorm (``benchmarks/results/hessian.md``). The value and all
-derivatives are the same function's, equal up to rounding.
+1.4x cheaper on a CNN with BatchNorm (237 against 331 ms in ``benchmarks/results/hessian.md``).
+The value and all derivatives are the same function's, equal up to rounding.
 """
 
 from __future__ import annotations
