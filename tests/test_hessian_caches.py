@@ -175,6 +175,10 @@ def test_eval_batchnorm_as_affine_map_is_exact(affine, curvature, mode):
         ref = j.T @ hl @ j
     vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
     torch.testing.assert_close(products(op), vs @ ref, rtol=1e-9, atol=1e-11)
+    fused = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode,
+                                 affine_norms=False)
+    assert fused._norms == []
+    torch.testing.assert_close(products(fused), vs @ ref, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(op.loss(), F.cross_entropy(model(x), y), rtol=1e-12, atol=0)
     assert all("forward" not in m.__dict__ for m in (model.bn1, model.bn2))  # restored
 

@@ -120,7 +120,12 @@ class CurvatureOperator:
 
     Attributes: ``size`` (the dimension ``n``), ``flat`` (the name/shape layout), ``w0`` (the
     flat selected parameters), ``num_matvecs`` (products computed so far; a block of ``b``
-    vectors counts ``b``).
+    vectors counts ``b``), ``trunk`` (the reused trunk, or ``None``).
+
+    The speed-ups of the module docstring can be switched off one by one (for comparisons):
+    ``cache_graph`` (``None``: keep every batch's graph if all fit ``memory`` bytes; ``True`` /
+    ``False``: always / never), ``reuse_trunk`` (its inputs may use ``memory / 2`` bytes) and
+    ``affine_norms``. ``memory`` defaults to a quarter of the memory available on the device.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class CurvatureOperator:
         mode: str = "auto",
         cache_graph: bool | None = None,
         reuse_trunk: bool = True,
+        affine_norms: bool = True,
         memory: int | None = None,
     ) -> None:
         if curvature not in CURVATURES:
@@ -158,7 +164,7 @@ class CurvatureOperator:
             mode = "double_backward"
         self.mode = mode
         # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper.
-        self._norms = eval_batchnorms(model)
+        self._norms = eval_batchnorms(model) if affine_norms else []
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
