@@ -123,6 +123,32 @@ def test_eigenvalues_repeated_eigenvalue_found_after_restart():
     torch.testing.assert_close(top, torch.tensor([5.0, 5.0, 2.0], dtype=torch.float64))
 
 
+def test_eigenvalues_third_copy_not_missed_while_the_complement_is_explored():
+    # After the first block closes (4 distinct eigenvalues) the old Ritz values are exact; the
+    # iteration must not stop before the block opened in the complement has found its own
+    # largest eigenvalue (the second 5), nor before the one after it finds the third.
+    eigs = torch.tensor([5.0, 5.0, 5.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5], dtype=torch.float64)
+    model = Quadratic(10)
+    data = (torch.zeros(2, 1), torch.zeros(2))
+    loss = quadratic_loss(known_spectrum(eigs, seed=8))
+    for seed in range(3):
+        top = fh.eigenvalues(model, loss, data, k=3, generator=gen(seed))
+        torch.testing.assert_close(top, eigs[:3])
+
+
+def test_low_rank_operator_stops_once_the_complement_adds_nothing():
+    # Rank 3 in 300 dimensions: after the range is found every fresh vector lies in the null
+    # space and closes at once; one such block that changes nothing ends the iteration.
+    eigs = torch.cat([torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), torch.zeros(297)])
+    from flatminima.hessian._lanczos import lanczos
+
+    a = known_spectrum(eigs, seed=2)
+    start = torch.randn(300, dtype=torch.float64, generator=gen(1))
+    res = lanczos(lambda v: a @ v, start, 300, k=3, tol=1e-8, generator=gen(2))
+    assert res.converged and res.steps <= 6
+    torch.testing.assert_close(res.ritz.sort(descending=True).values[:3], eigs[:3])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("mode", ["double_backward", "forward_over_reverse"])
 def test_eigenvalues_tiny_mlp_match_dense(seed, mode):

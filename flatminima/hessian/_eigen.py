@@ -6,8 +6,15 @@ import torch
 from torch import Tensor, nn
 
 from flatminima._params import ParamSpec, measuring_mode
-from flatminima.hessian._lanczos import rademacher, top_eigenvalues
-from flatminima.hessian._operator import CurvatureOperator, LossFn
+from flatminima.hessian._lanczos import rademacher
+from flatminima.hessian._operator import CurvatureOperator, LossFn, vectors_that_fit
+from flatminima.hessian._restart import top_eigenvalues
+
+
+def default_max_basis(n: int, like: Tensor, k: int) -> int:
+    """Lanczos vectors of ``n`` entries that fit, with the copy made at a restart (1.5x), a
+    quarter of the memory available on ``like``'s device; at least ``2 k + 8``."""
+    return max(2 * k + 8, vectors_that_fit(n, like, copies=1.5))
 
 
 def eigenvalues(
@@ -24,6 +31,7 @@ def eigenvalues(
     curvature: str = "hessian",
     mode: str = "auto",
     train: bool = False,
+    max_basis: int | None = None,
 ) -> Tensor:
     """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, largest first.
 
@@ -37,7 +45,13 @@ def eigenvalues(
     size-weighted mean loss over all of them. ``params`` restricts it to a parameter subset
     (a list of names, a predicate on the name, ``"last_layer"``, ``"weights"``, ``"no_norm"``);
     ``curvature="ggn"`` uses the Gauss-Newton matrix. Eval mode unless ``train=True``.
-    The basis costs ``max_iter`` vectors of the selected size in memory. Over several batches
+    At most ``max_basis`` Lanczos vectors of the selected size are held; past that the iteration
+    is thick-restarted (Wu & Simon 2000; :mod:`flatminima.hessian._restart`), which keeps the
+    ``k + (max_basis - k) // 2`` best Ritz vectors and costs extra products only when the basis
+    would have grown beyond the cap. The default is as many as fit a quarter of the memory
+    available on the parameters' device (counting the copy made at a restart), at least
+    ``2 k + 8``: a small model never restarts, and a large one (a 36.5M-parameter WideResNet
+    needs 146 MB per vector) cannot run out of memory at ``max_iter``. Over several batches
     the gradient graphs of all of them are kept when they fit a quarter of the available memory
     (else rebuilt per product), and for a last layer (or any subset owned by the module that
     produces the output) the network below it runs once, not once per product: see
@@ -58,6 +72,8 @@ def eigenvalues(
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if max_basis is not None and (not isinstance(max_basis, int) or isinstance(max_basis, bool)):
+        raise ValueError(f"max_basis must be a positive integer, got {max_basis!r}")
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
         if k > op.size:
@@ -65,8 +81,12 @@ def eigenvalues(
                              f"({op.size})")
         if max_iter < k:
             raise ValueError(f"max_iter={max_iter} must be at least k={k}")
+        if max_basis is None:
+            max_basis = default_max_basis(op.size, op.w0, k)
+        elif max_basis < min(k + 2, op.size, max_iter):
+            raise ValueError(f"max_basis={max_basis} must be at least k + 2 = {k + 2}")
         start = rademacher(op.size, generator, op.w0)
         values, _ = top_eigenvalues(op.matvec, start, k, tol=tol, max_iter=max_iter,
-                                    which=which, generator=generator)
+                                    which=which, generator=generator, max_basis=max_basis)
     order = torch.argsort(values, descending=True)
     return values[order].to(op.w0.dtype).cpu()

@@ -17,11 +17,16 @@ nothing and converges at rate ``lambda_2 / lambda_1`` instead of Lanczos' Chebys
 When the Krylov space closes (``beta ~ 0``: an invariant subspace was found) the iteration
 continues from a fresh random vector orthogonal to ``Q``; ``T`` then becomes block-diagonal.
 This finds eigenvalues the first start vector had no component along (repeated eigenvalues).
+A fresh random vector has (with probability one) a component along every eigenvector left in the
+complement, so its block sees the largest of them before it closes too: once a block closes
+without changing the wanted Ritz values, nothing wanted is left and the iteration stops (a
+low-rank operator would otherwise close a one-vector block at every remaining step). While such a
+block is open, convergence also waits for its own leading Ritz value: until that has converged, an
+eigenvalue of the complement larger than the wanted ones could still appear.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +49,16 @@ class LanczosBasis:
         self._blocks: list[Tensor] = []
         self._free = 0
         self.append(first)
+
+    @classmethod
+    def from_rows(cls, rows: Tensor) -> LanczosBasis:
+        """A basis whose first ``rows.shape[0]`` rows are ``rows`` (taken, not copied)."""
+        basis = cls.__new__(cls)
+        basis.n = rows.shape[1]
+        basis.rows = rows.shape[0]
+        basis._blocks = [rows]
+        basis._free = 0
+        return basis
 
     def append(self, q: Tensor) -> None:
         if self._free == 0:
@@ -76,6 +91,29 @@ class LanczosBasis:
             return w - sum(b.T @ c for b, c in zip(blocks, coeffs, strict=True))
         coeffs = [w @ b.T for b in blocks]
         return w - sum(c @ b for b, c in zip(blocks, coeffs, strict=True))
+
+    def coefficients(self, w: Tensor) -> Tensor:
+        """``Q w``: the coordinates of the vector ``w`` along the ``rows`` basis vectors."""
+        return torch.cat([b @ w for b in self._filled()])
+
+    def combine(self, c: Tensor) -> Tensor:
+        """``Q^T c``: the vector with coordinates ``c``."""
+        out, i = None, 0
+        for b in self._filled():
+            part = c[i : i + b.shape[0]] @ b
+            out = part if out is None else out + part
+            i += b.shape[0]
+        return out
+
+    def rotated(self, s: Tensor) -> Tensor:
+        """``S^T Q``, rows ``sum_i S[i, j] q_i`` for the columns of ``s`` (``rows x r``): a new
+        ``(r, n)`` tensor, so the peak memory is ``rows + r`` vectors."""
+        out, i = None, 0
+        for b in self._filled():
+            part = s[i : i + b.shape[0]].T @ b
+            out = part if out is None else out.add_(part)
+            i += b.shape[0]
+        return out
 
     def dense(self) -> Tensor:
         """The rows ``q_1..q_m`` as one ``(m, n)`` tensor (a copy)."""
@@ -149,6 +187,8 @@ def lanczos(
     beta: list[float] = []
     eps = torch.finfo(start.dtype).eps
     converged = False
+    closed: Tensor | None = None            # wanted Ritz values when the last block closed
+    open_row: int | None = None             # first row of the block opened at a breakdown
     ritz = weights = residuals = torch.zeros(0, dtype=torch.float64)
     for step in range(1, max_steps + 1):
         w = matvec(q)
@@ -171,13 +211,14 @@ def lanczos(
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
         can_restart = breakdown and restart_on_breakdown and basis.rows < n
-        if tol is not None and step >= k and not can_restart:
-            idx = _wanted(theta, k, which)
-            floor = 100 * eps * scale
-            bound = torch.clamp(tol * theta[idx].abs(), min=floor)
-            if bool((residuals[idx] <= bound).all()):
-                converged = True
-                break
+        if can_restart and tol is not None:
+            settled, closed = complement_settled(closed, theta, k, which, tol, 100 * eps * scale)
+            can_restart = not settled
+        if (tol is not None and step >= k and not can_restart
+                and wanted_converged(theta, s, residuals, k, which, tol, 100 * eps * scale,
+                                     None if breakdown else open_row)):
+            converged = True
+            break
         if step == max_steps:
             break
         if breakdown:
@@ -185,11 +226,12 @@ def lanczos(
                 converged = True
                 break
             # Continue in the orthogonal complement: T gets a zero off-diagonal entry.
-            fresh = _orthogonalize(rademacher(n, generator, start), basis)
-            if float(fresh.norm()) <= eps:
+            new = _orthogonalize(rademacher(n, generator, start), basis)
+            if float(new.norm()) <= eps:
                 converged = True
                 break
-            q = fresh / fresh.norm()
+            q = new / new.norm()
+            open_row = basis.rows
             beta.append(0.0)
         else:
             q = w / b
@@ -207,24 +249,29 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     raise ValueError(f"unknown which={which!r}; choose 'largest' or 'magnitude'")
 
 
-def top_eigenvalues(
-    matvec: Callable[[Tensor], Tensor],
-    start: Tensor,
-    k: int,
-    *,
-    tol: float,
-    max_iter: int,
-    which: str = "largest",
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, LanczosResult]:
-    """The ``k`` wanted eigenvalues (largest first) and the Lanczos run that found them."""
-    res = lanczos(matvec, start, max_iter, k=k, tol=tol, which=which, generator=generator)
-    if not res.converged:
-        warnings.warn(
-            f"Lanczos did not reach tol={tol} within max_iter={max_iter} steps; the "
-            f"largest residual is {float(res.residuals.max()):.3g}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    idx = _wanted(res.ritz, k, which)
-    return res.ritz[idx], res
+def complement_settled(closed: Tensor | None, theta: Tensor, k: int, which: str, tol: float,
+                       floor: float) -> tuple[bool, Tensor]:
+    """At a breakdown: did the block that just closed leave the ``k`` wanted Ritz values as
+    they were when the previous block closed (``closed``)? Returns that and the values now."""
+    now = torch.sort(theta[_wanted(theta, k, which)]).values
+    if closed is None or closed.numel() != now.numel():
+        return False, now
+    same = (now - closed).abs() <= torch.clamp(tol * now.abs(), min=floor)
+    return bool(same.all()), now
+
+
+def wanted_converged(theta: Tensor, s: Tensor, residuals: Tensor, k: int, which: str, tol: float,
+                     floor: float, open_row: int | None) -> bool:
+    """The stopping rule: every wanted Ritz value has ``residual <= max(tol |theta|, floor)``,
+    and so has the leading Ritz value of the block opened at ``open_row`` (if any), whose Ritz
+    vectors are those of ``T`` that live mostly in its rows."""
+    def settled(idx: Tensor) -> bool:
+        bound = torch.clamp(tol * theta[idx].abs(), min=floor)
+        return bool((residuals[idx] <= bound).all())
+
+    if not settled(_wanted(theta, k, which)):
+        return False
+    if open_row is None:
+        return True
+    members = torch.nonzero(s[open_row:].pow(2).sum(0) > 0.5).flatten()
+    return members.numel() == 0 or settled(members[_wanted(theta[members], 1, which)])

@@ -83,6 +83,12 @@ def memory_budget(device: torch.device) -> int:
         return 2**31
 
 
+def vectors_that_fit(n: int, like: Tensor, copies: float = 1.0) -> int:
+    """How many ``n``-vectors in ``like``'s dtype fit the memory budget of ``like``'s device when
+    each is held ``copies`` times at the peak (a restart or a QR copies the basis)."""
+    return int(memory_budget(like.device) // (copies * n * like.element_size()))
+
+
 class _SavedBytes:
     """Count the bytes autograd saves while a graph is built (each storage once)."""
 
