@@ -354,6 +354,48 @@ def test_slq_quadrature_reproduces_moments():
         torch.testing.assert_close(quad, exact, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_slq_without_reorthogonalization_keeps_the_quadrature(dtype, monkeypatch):
+    # Outliers over a bulk: their Ritz values converge within a few steps, orthogonality is
+    # lost and copies of them appear, yet the quadrature moments stay those of v^T A^p v.
+    from flatminima.hessian._lanczos import LanczosBasis, rademacher
+
+    n, g = 300, gen(4)
+    eigs = torch.cat([torch.tensor([50.0, 20.0, 10.0], dtype=torch.float64),
+                      0.5 * torch.randn(n - 3, generator=g, dtype=torch.float64)])
+    a = known_spectrum(eigs, seed=7)
+    model = Quadratic(n).to(dtype)
+    loss = quadratic_loss(a.to(dtype))
+    data = (torch.zeros(2, 1), torch.zeros(2))
+    appended = []
+    original = LanczosBasis.append
+    monkeypatch.setattr(LanczosBasis, "append", lambda b, q: (appended.append(1), original(b, q)))
+    nodes, weights = fh.density_nodes(model, loss, data, num_steps=60, generator=gen(2),
+                                      reorthogonalize=False)
+    assert not appended                                       # no basis was kept
+    assert int((nodes[0] > 49.9).sum()) >= 2                  # the ghosts are there ...
+    v = rademacher(n, gen(2), torch.zeros(1, dtype=dtype)).double()
+    v = v / v.norm()
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    for p in range(0, 10):                                    # ... and harmless
+        exact = v @ torch.linalg.matrix_power(a, p) @ v
+        torch.testing.assert_close((weights[0] * nodes[0] ** p).sum(), exact, rtol=rtol, atol=0)
+    # The copies share the weight of the eigenvalue 50: together they carry (v^T u_1)^2.
+    u1 = torch.linalg.eigh(a).eigenvectors[:, -1]
+    mass = float(weights[0][nodes[0] > 49.9].sum())
+    assert mass == pytest.approx(float(v @ u1) ** 2, rel=1e-3)
+    # The default keeps the basis when it fits the memory budget, and drops it when not.
+    from flatminima.hessian import _operator
+
+    appended.clear()
+    fh.density_nodes(model, loss, data, num_steps=20, generator=gen(2))
+    assert appended
+    appended.clear()
+    monkeypatch.setattr(_operator, "memory_budget", lambda device: 10 * n * 4)
+    fh.density_nodes(model, loss, data, num_steps=20, generator=gen(2))
+    assert not appended
+
+
 def test_density_integrates_to_one_and_peaks_at_eigenvalues():
     eigs = torch.tensor([0.0] * 10 + [1.0] * 5 + [6.0] * 5, dtype=torch.float64)
     model = Quadratic(20)

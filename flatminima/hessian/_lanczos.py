@@ -130,7 +130,7 @@ class LanczosResult:
     residuals: Tensor     # (m,) float64: beta_m |e_m^T s_i|
     steps: int
     converged: bool
-    basis: LanczosBasis   # rows q_1..q_m in the start vector's dtype
+    basis: LanczosBasis | None   # rows q_1..q_m, start vector's dtype; None if not kept
 
 
 def rademacher(n: int, generator: torch.Generator | None, like: Tensor, rows: int = 0) -> Tensor:
@@ -169,6 +169,7 @@ def lanczos(
     generator: torch.Generator | None = None,
     restart_on_breakdown: bool = True,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    reorthogonalize: bool = True,
 ) -> LanczosResult:
     """Run up to ``max_steps`` Lanczos steps from ``start``.
 
@@ -178,11 +179,20 @@ def lanczos(
     precision: eigenvalues far below the top one could otherwise never converge. With
     ``tol=None`` run all steps (SLQ wants a fixed number of nodes). ``callback(step, ritz,
     residuals)`` is called after every step (progress, convergence studies).
+
+    ``reorthogonalize=False`` runs the bare three-term recurrence and holds two vectors instead
+    of the basis (``basis`` is then ``None``, and a breakdown cannot restart). Orthogonality is
+    lost as Ritz values converge, which makes copies ("ghosts") of them appear; the Gauss
+    quadrature built from ``T`` stays accurate nonetheless (Greenbaum 1989; Knizhnerman 1996),
+    which is all that stochastic Lanczos quadrature needs.
     """
+    if not reorthogonalize and restart_on_breakdown:
+        raise ValueError("a restart on breakdown needs the basis: pass reorthogonalize=True")
     n = start.numel()
     max_steps = min(max_steps, n)
     q = start / start.norm()
-    basis = LanczosBasis(q)
+    basis = LanczosBasis(q) if reorthogonalize else None
+    previous: Tensor | None = None
     alpha: list[float] = []
     beta: list[float] = []
     eps = torch.finfo(start.dtype).eps
@@ -195,8 +205,9 @@ def lanczos(
         a = float(torch.dot(q, w))
         w = w - a * q
         if step > 1 and beta[-1] != 0.0:
-            w = w - beta[-1] * basis.row(-2)
-        w = _orthogonalize(w, basis)
+            w = w - beta[-1] * previous
+        if basis is not None:
+            w = _orthogonalize(w, basis)
         b = float(w.norm())
         alpha.append(a)
         t = _tridiagonal(alpha, beta)
@@ -210,7 +221,7 @@ def lanczos(
             callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
-        can_restart = breakdown and restart_on_breakdown and basis.rows < n
+        can_restart = breakdown and restart_on_breakdown and step < n
         if can_restart and tol is not None:
             settled, closed = complement_settled(closed, theta, k, which, tol, 100 * eps * scale)
             can_restart = not settled
@@ -222,7 +233,7 @@ def lanczos(
         if step == max_steps:
             break
         if breakdown:
-            if not restart_on_breakdown or basis.rows >= n:
+            if not restart_on_breakdown or step >= n:
                 converged = True
                 break
             # Continue in the orthogonal complement: T gets a zero off-diagonal entry.
@@ -230,13 +241,14 @@ def lanczos(
             if float(new.norm()) <= eps:
                 converged = True
                 break
-            q = new / new.norm()
-            open_row = basis.rows
+            previous, q = q, new / new.norm()
+            open_row = step
             beta.append(0.0)
         else:
-            q = w / b
+            previous, q = q, w / b
             beta.append(b)
-        basis.append(q)
+        if basis is not None:
+            basis.append(q)
     return LanczosResult(ritz, weights, residuals, len(alpha), converged, basis)
 
 
