@@ -144,35 +144,49 @@ class ConvBN(nn.Module):
         return self.head(torch.tanh(self.bn1(self.fc(h))))
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("curvature,mode", [("hessian", "double_backward"),
-                                            ("hessian", "forward_over_reverse"),
-                                            ("ggn", "auto")])
-def test_eval_batchnorm_as_affine_map_is_exact(affine, curvature, mode):
-    torch.manual_seed(1)
-    model = ConvBN(affine).double()
-    for m in (model.bn1, model.bn2):              # non-trivial running statistics
-        m.running_mean.uniform_(-0.5, 0.5)
-        m.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    g = gen(5)
-    x, y = torch.randn(12, 2, 4, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (12,))
-    op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode)
-    assert len(op._norms) == 2
+def with_running_stats(model: nn.Module) -> nn.Module:
+    """``model`` in float64 eval mode with non-trivial running statistics in every BatchNorm."""
+    model = model.double()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def dense_reference(model: nn.Module, x, y, curvature: str = "hessian") -> torch.Tensor:
+    """The Hessian (or GGN) of the unpatched model (fused BatchNorm kernel) by torch.func."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     flat = FlatParams.of(params)
     w0 = flat.flatten(params)
 
-    def f(w):   # the unpatched model: the fused BatchNorm kernel
+    def f(w):
         return functional_call(model, flat.unflatten(w), (x,))
 
     if curvature == "hessian":
-        ref = hessian(lambda w: F.cross_entropy(f(w), y))(w0)
-    else:
-        out = f(w0)
-        j = jacrev(f)(w0).reshape(-1, w0.numel())
-        hl = hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
-        ref = j.T @ hl @ j
+        return hessian(lambda w: F.cross_entropy(f(w), y))(w0)
+    out = f(w0)
+    j = jacrev(f)(w0).reshape(-1, w0.numel())
+    hl = hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
+    return j.T @ hl @ j
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("curvature,mode", [("hessian", "double_backward"),
+                                            ("hessian", "forward_over_reverse"),
+                                            ("ggn", "auto")])
+def test_eval_batchnorm_as_affine_map_is_exact(fold, affine, curvature, mode):
+    torch.manual_seed(1)
+    model = with_running_stats(ConvBN(affine))
+    g = gen(5)
+    x, y = torch.randn(12, 2, 4, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (12,))
+    op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode,
+                              fold_norms=fold)
+    assert len(op._norms) == 2
+    # conv -> bn2 and fc -> bn1 both fold: each norm's input is a layer output used only there.
+    assert op.folds == ([(model.conv, model.bn2), (model.fc, model.bn1)] if fold else [])
+    ref = dense_reference(model, x, y, curvature)
     vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
     torch.testing.assert_close(products(op), vs @ ref, rtol=1e-9, atol=1e-11)
     fused = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode,
@@ -180,7 +194,78 @@ def test_eval_batchnorm_as_affine_map_is_exact(affine, curvature, mode):
     assert fused._norms == []
     torch.testing.assert_close(products(fused), vs @ ref, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(op.loss(), F.cross_entropy(model(x), y), rtol=1e-12, atol=0)
-    assert all("forward" not in m.__dict__ for m in (model.bn1, model.bn2))  # restored
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored
+
+
+class SharedOutput(nn.Module):
+    """conv's output feeds the norm and the residual sum: folding would change the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), \
+            nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(torch.tanh(self.bn(h) + h).flatten(1))
+
+
+class DetachedUse(SharedOutput):
+    """A consumer outside autograd: no graph edge, caught by the output check."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(torch.tanh(self.bn(h) + h.detach().mean()).flatten(1))
+
+
+class NormAfterActivation(SharedOutput):
+    def forward(self, x):
+        return self.head(self.bn(torch.tanh(self.conv(x))).flatten(1))
+
+
+class NormOfAView(SharedOutput):
+    def forward(self, x):
+        h = self.conv(x)[:, :, :, :]
+        return self.head(torch.tanh(self.bn(h)).flatten(1))
+
+
+class LayerCalledTwice(SharedOutput):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.conv(self.conv(x)))).flatten(1))
+
+
+class GroupedNoAffine(nn.Module):
+    """A grouped, biased convolution into a BatchNorm without affine parameters: folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("cls,folded", [(SharedOutput, False), (DetachedUse, False),
+                                        (NormAfterActivation, False), (NormOfAView, False),
+                                        (LayerCalledTwice, False), (GroupedNoAffine, True)])
+def test_batchnorm_folds_only_where_exact(cls, folded):
+    torch.manual_seed(2)
+    model = with_running_stats(cls())
+    g = gen(6)
+    x, y = torch.randn(10, 2, 4, 4, dtype=torch.float64, generator=g), torch.randint(0, 3, (10,))
+    op = fh.CurvatureOperator(model, F.cross_entropy, (x, y))
+    assert op.folds == ([(model.conv, model.bn)] if folded else [])
+    ref = dense_reference(model, x, y)
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+    torch.testing.assert_close(products(op), vs @ ref, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.loss(), F.cross_entropy(model(x), y), rtol=1e-12, atol=0)
+    assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_batchnorm_in_train_mode_is_left_alone():

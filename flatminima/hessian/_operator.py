@@ -34,8 +34,9 @@ Two caches make repeated products cheap without changing the operator:
   last layer), the inputs of that module are computed once and every product runs through it
   alone (:mod:`flatminima.hessian._trunk`, which checks that this is exact).
 
-And eval-mode BatchNorm is evaluated as the affine map it is (:mod:`flatminima.hessian._eval_norm`),
-whose double-backward is cheaper than that of the fused kernel.
+And eval-mode BatchNorm is evaluated as the affine map it is, folded into the convolution or
+linear layer before it where that is exact (:mod:`flatminima.hessian._eval_norm`): the same
+function, with a much cheaper double-backward than that of the fused kernel.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from flatminima._params import (
     model_device,
     select_params,
 )
-from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms
+from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms, find_folds
 from flatminima.hessian._trunk import Trunk, capture_trunk
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -130,8 +131,10 @@ class CurvatureOperator:
 
     The speed-ups of the module docstring can be switched off one by one (for comparisons):
     ``cache_graph`` (``None``: keep every batch's graph if all fit ``memory`` bytes; ``True`` /
-    ``False``: always / never), ``reuse_trunk`` (its inputs may use ``memory / 2`` bytes) and
-    ``affine_norms``. ``memory`` defaults to a quarter of the memory available on the device.
+    ``False``: always / never), ``reuse_trunk`` (its inputs may use ``memory / 2`` bytes),
+    ``affine_norms`` and ``fold_norms`` (the latter only acts with the former). ``memory``
+    defaults to a quarter of the memory available on the device. ``folds`` lists the
+    ``(layer, norm)`` pairs folded.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class CurvatureOperator:
         cache_graph: bool | None = None,
         reuse_trunk: bool = True,
         affine_norms: bool = True,
+        fold_norms: bool = True,
         memory: int | None = None,
     ) -> None:
         if curvature not in CURVATURES:
@@ -169,8 +173,12 @@ class CurvatureOperator:
         if mode == "auto":
             mode = "double_backward"
         self.mode = mode
-        # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper.
+        # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper,
+        # and folded into the layer before it, cheaper still.
         self._norms = eval_batchnorms(model) if affine_norms else []
+        self.folds = find_folds(model, self._norms,
+                                {**self.fixed, **{n: p.detach() for n, p in selected.items()}},
+                                self.batches[0][0][:8]) if fold_norms else []
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
@@ -185,7 +193,7 @@ class CurvatureOperator:
     def outputs(self, w: Tensor, i: int) -> Tensor:
         """Model outputs on batch ``i`` at flat parameters ``w`` (other parameters fixed)."""
         params = self.flat.unflatten(w)
-        with affine_batchnorm(self._norms):
+        with affine_batchnorm(self._norms, self.folds):
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
