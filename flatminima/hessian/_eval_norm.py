@@ -132,8 +132,9 @@ def find_folds(model: nn.Module, norms: list[_BatchNorm], params: dict[str, Tens
     if folds:
         with torch.no_grad(), affine_batchnorm(norms, folds):
             again = torch.func.functional_call(model, params, (example,))
-        tol = (1e-3 if out.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8)
-        if not torch.allclose(again, out.detach(), rtol=tol, atol=tol * float(out.detach().abs().max())):
+        out = out.detach()
+        tol = 1e-3 if out.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+        if not torch.allclose(again, out, rtol=tol, atol=tol * float(out.abs().max())):
             return []
     return folds
 
