@@ -99,6 +99,8 @@ def find_folds(model: nn.Module, norms: list[_BatchNorm], params: dict[str, Tens
         with torch.enable_grad():
             probe = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             out = torch.func.functional_call(model, probe, (example,))
+    except Exception:  # noqa: BLE001 - e.g. a model that needs the full batch size: no folding
+        return []
     finally:
         for h in handles:
             h.remove()
