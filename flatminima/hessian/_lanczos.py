@@ -197,8 +197,7 @@ def lanczos(
     beta: list[float] = []
     eps = torch.finfo(start.dtype).eps
     converged = False
-    closed: Tensor | None = None            # wanted Ritz values when the last block closed
-    open_row: int | None = None             # first row of the block opened at a breakdown
+    rule = StoppingRule(k, which, tol)
     ritz = weights = residuals = torch.zeros(0, dtype=torch.float64)
     for step in range(1, max_steps + 1):
         w = matvec(q)
@@ -221,13 +220,9 @@ def lanczos(
             callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
-        can_restart = breakdown and restart_on_breakdown and step < n
-        if can_restart and tol is not None:
-            settled, closed = complement_settled(closed, theta, k, which, tol, 100 * eps * scale)
-            can_restart = not settled
-        if (tol is not None and step >= k and not can_restart
-                and wanted_converged(theta, s, residuals, k, which, tol, 100 * eps * scale,
-                                     None if breakdown else open_row)):
+        done, can_restart = rule.check(step, theta, s, residuals, breakdown,
+                                       restart_on_breakdown and step < n, 100 * eps * scale)
+        if done:
             converged = True
             break
         if step == max_steps:
@@ -242,7 +237,7 @@ def lanczos(
                 converged = True
                 break
             previous, q = q, new / new.norm()
-            open_row = step
+            rule.open_row = step
             beta.append(0.0)
         else:
             previous, q = q, w / b
@@ -261,29 +256,46 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     raise ValueError(f"unknown which={which!r}; choose 'largest' or 'magnitude'")
 
 
-def complement_settled(closed: Tensor | None, theta: Tensor, k: int, which: str, tol: float,
-                       floor: float) -> tuple[bool, Tensor]:
-    """At a breakdown: did the block that just closed leave the ``k`` wanted Ritz values as
-    they were when the previous block closed (``closed``)? Returns that and the values now."""
-    now = torch.sort(theta[_wanted(theta, k, which)]).values
-    if closed is None or closed.numel() != now.numel():
-        return False, now
-    same = (now - closed).abs() <= torch.clamp(tol * now.abs(), min=floor)
-    return bool(same.all()), now
+class StoppingRule:
+    """When to stop, shared by plain and restarted Lanczos (see the module docstring): every
+    wanted Ritz value within ``max(tol |theta|, floor)`` of its residual; after a breakdown, the
+    block opened in the complement must first find its own leading Ritz value, and a block that
+    closes without changing the wanted values ends the search. ``tol=None``: never stop early.
+    """
 
+    def __init__(self, k: int, which: str, tol: float | None) -> None:
+        self.k, self.which, self.tol = k, which, tol
+        self.closed: Tensor | None = None    # wanted Ritz values when the last block closed
+        self.open_row: int | None = None     # first basis row of the block opened last
 
-def wanted_converged(theta: Tensor, s: Tensor, residuals: Tensor, k: int, which: str, tol: float,
-                     floor: float, open_row: int | None) -> bool:
-    """The stopping rule: every wanted Ritz value has ``residual <= max(tol |theta|, floor)``,
-    and so has the leading Ritz value of the block opened at ``open_row`` (if any), whose Ritz
-    vectors are those of ``T`` that live mostly in its rows."""
-    def settled(idx: Tensor) -> bool:
-        bound = torch.clamp(tol * theta[idx].abs(), min=floor)
-        return bool((residuals[idx] <= bound).all())
+    def check(self, step: int, theta: Tensor, s: Tensor, residuals: Tensor, breakdown: bool,
+              complement_left: bool, floor: float) -> tuple[bool, bool]:
+        """``(converged, look in the complement)`` after a step."""
+        look = breakdown and complement_left
+        if self.tol is None:
+            return False, look
+        if look:
+            now = torch.sort(theta[_wanted(theta, self.k, self.which)]).values
+            settled = (self.closed is not None and self.closed.numel() == now.numel()
+                       and bool(self._within(now - self.closed, now, floor).all()))
+            self.closed, look = now, not settled
+        if look or step < self.k:
+            return False, look
+        return self._wanted_converged(theta, s, residuals, floor, breakdown), look
 
-    if not settled(_wanted(theta, k, which)):
-        return False
-    if open_row is None:
-        return True
-    members = torch.nonzero(s[open_row:].pow(2).sum(0) > 0.5).flatten()
-    return members.numel() == 0 or settled(members[_wanted(theta[members], 1, which)])
+    def _within(self, err: Tensor, theta: Tensor, floor: float) -> Tensor:
+        return err.abs() <= torch.clamp(self.tol * theta.abs(), min=floor)
+
+    def _wanted_converged(self, theta: Tensor, s: Tensor, residuals: Tensor, floor: float,
+                          breakdown: bool) -> bool:
+        idx = _wanted(theta, self.k, self.which)
+        if not bool(self._within(residuals[idx], theta[idx], floor).all()):
+            return False
+        if breakdown or self.open_row is None:
+            return True
+        # The open block's Ritz vectors are those of T that live mostly in its rows.
+        members = torch.nonzero(s[self.open_row:].pow(2).sum(0) > 0.5).flatten()
+        if members.numel() == 0:
+            return True
+        best = members[_wanted(theta[members], 1, self.which)]
+        return bool(self._within(residuals[best], theta[best], floor).all())

@@ -33,11 +33,10 @@ from torch import Tensor
 from flatminima.hessian._lanczos import (
     LanczosBasis,
     LanczosResult,
+    StoppingRule,
     _wanted,
-    complement_settled,
     lanczos,
     rademacher,
-    wanted_converged,
 )
 
 
@@ -91,8 +90,7 @@ def restarted_lanczos(
     t = torch.zeros(max_basis, max_basis, dtype=torch.float64)
     j = 0                                       # row of q in the basis
     converged = False
-    closed: Tensor | None = None                # wanted Ritz values when the last block closed
-    open_row: int | None = None                 # first row of the block opened at a breakdown
+    rule = StoppingRule(k, which, tol)
     theta = s = residuals = torch.zeros(0, dtype=torch.float64)
     for step in range(1, max_steps + 1):
         w, h = _orthogonalized(matvec(q), basis)
@@ -108,13 +106,9 @@ def restarted_lanczos(
             callback(step, theta, residuals)
         # As in plain Lanczos: after a breakdown, copies of a repeated eigenvalue can hide in the
         # orthogonal complement, so look there before accepting convergence.
-        can_restart = breakdown and basis.rows < n
-        if can_restart:
-            settled, closed = complement_settled(closed, theta, k, which, tol, 100 * eps * scale)
-            can_restart = not settled
-        if (step >= k and not can_restart
-                and wanted_converged(theta, s, residuals, k, which, tol, 100 * eps * scale,
-                                     None if breakdown else open_row)):
+        done, _ = rule.check(step, theta, s, residuals, breakdown, basis.rows < n,
+                             100 * eps * scale)
+        if done:
             converged = True
             break
         if step == max_steps:
@@ -125,7 +119,7 @@ def restarted_lanczos(
                 converged = True
                 break
             q = new / new.norm()
-            open_row = m
+            rule.open_row = m
         else:
             q = w / b
         if m == max_basis:
@@ -133,12 +127,12 @@ def restarted_lanczos(
             # matrix is diagonal, and the coupling to q comes with q's first product. Those of
             # an open block go last, so that its rows stay contiguous.
             idx = _wanted(theta, keep, which)
-            if open_row is not None and open_row < m:
-                member = s[open_row:, idx].pow(2).sum(0) > 0.5
+            if rule.open_row is not None and rule.open_row < m:
+                member = s[rule.open_row:, idx].pow(2).sum(0) > 0.5
                 idx = torch.cat([idx[~member], idx[member]])
-                open_row = int((~member).sum())
-            elif open_row is not None:
-                open_row = len(idx)                 # q itself opens the block
+                rule.open_row = int((~member).sum())
+            elif rule.open_row is not None:
+                rule.open_row = len(idx)            # q itself opens the block
             rows = basis.rotated(s[:, idx].to(start.dtype))
             del basis
             basis = LanczosBasis.from_rows(rows)
