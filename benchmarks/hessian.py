@@ -3,7 +3,9 @@
 What it measures (results in ``benchmarks/results/hessian.md`` and ``.json``):
 
 1. Hessian-vector product cost of each strategy (double-backward with the gradient graph kept,
-   double-backward rebuilt per product, forward-over-reverse; single vectors and blocks of 8).
+   double-backward rebuilt per product, forward-over-reverse; single vectors and blocks of 8;
+   eval-mode BatchNorm folded into the layer before it, as an affine map, or through its fused
+   kernel, also on CIFAR-shaped ResNet-18 and WRN-16-4).
    This measurement decides ``mode="auto"`` in ``flatminima.hessian``.
 2. Top eigenvalue: wall time and number of Hessian-vector products to reach 1e-3 relative error,
    ``fm.hessian.eigenvalues`` (Lanczos, residual stopping rule ``tol=1e-3``) against PyHessian's
