@@ -40,29 +40,38 @@ class LanczosBasis:
     Appending a row never copies the earlier ones (a growing ``torch.cat`` would copy the whole
     basis at every step and briefly hold it twice, which matters at millions of parameters).
     A new block has as many rows as the basis already has, between 8 and 64, so unused
-    preallocated rows never exceed the rows in use.
+    preallocated rows never exceed the rows in use; with ``capacity`` set (the most rows the
+    caller will append), no block reaches past it, so memory is bounded by ``capacity`` rows.
     """
 
-    def __init__(self, first: Tensor) -> None:
+    def __init__(self, first: Tensor, capacity: int | None = None) -> None:
         self.n = first.numel()
         self.rows = 0
+        self.capacity = capacity
         self._blocks: list[Tensor] = []
         self._free = 0
         self.append(first)
 
     @classmethod
-    def from_rows(cls, rows: Tensor) -> LanczosBasis:
+    def from_rows(cls, rows: Tensor, capacity: int | None = None) -> LanczosBasis:
         """A basis whose first ``rows.shape[0]`` rows are ``rows`` (taken, not copied)."""
         basis = cls.__new__(cls)
         basis.n = rows.shape[1]
         basis.rows = rows.shape[0]
+        basis.capacity = capacity
         basis._blocks = [rows]
         basis._free = 0
         return basis
 
+    def allocated(self) -> int:
+        """Rows allocated, used or not."""
+        return sum(b.shape[0] for b in self._blocks)
+
     def append(self, q: Tensor) -> None:
         if self._free == 0:
             size = min(64, max(8, self.rows))
+            if self.capacity is not None:
+                size = max(1, min(size, self.capacity - self.rows))
             self._blocks.append(q.new_empty(size, self.n))
             self._free = size
         block = self._blocks[-1]
@@ -191,7 +200,7 @@ def lanczos(
     n = start.numel()
     max_steps = min(max_steps, n)
     q = start / start.norm()
-    basis = LanczosBasis(q) if reorthogonalize else None
+    basis = LanczosBasis(q, capacity=max_steps) if reorthogonalize else None
     previous: Tensor | None = None
     alpha: list[float] = []
     beta: list[float] = []

@@ -86,7 +86,7 @@ def restarted_lanczos(
     keep = kept_count(max_basis, k)
     eps = torch.finfo(start.dtype).eps
     q = start / start.norm()
-    basis = LanczosBasis(q)
+    basis = LanczosBasis(q, capacity=max_basis)
     t = torch.zeros(max_basis, max_basis, dtype=torch.float64)
     j = 0                                       # row of q in the basis
     converged = False
@@ -135,7 +135,7 @@ def restarted_lanczos(
                 rule.open_row = len(idx)            # q itself opens the block
             rows = basis.rotated(s[:, idx].to(start.dtype))
             del basis
-            basis = LanczosBasis.from_rows(rows)
+            basis = LanczosBasis.from_rows(rows, capacity=max_basis)
             t.zero_()
             t[: len(idx), : len(idx)] = torch.diag(theta[idx])
             j = len(idx)
