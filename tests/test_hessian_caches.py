@@ -284,3 +284,22 @@ def test_batchnorm_in_train_mode_is_left_alone():
     assert len(eval_batchnorms(model.eval())) == 2
     model.bn1.track_running_stats, model.bn1.running_mean, model.bn1.running_var = False, None, None
     assert eval_batchnorms(model) == [model.bn2]      # no running statistics: batch statistics
+
+
+def test_unflatten_is_one_split_so_its_backward_is_one_concatenation():
+    # A slice per parameter would make the gradient with respect to the flat vector fill and
+    # add a full-size zero vector per parameter (a third of a product on ResNet-18).
+    shapes = {f"p{i}": torch.Size((3, i + 1)) for i in range(6)}
+    flat = FlatParams(tuple(shapes), tuple(shapes.values()),
+                      tuple(int(s.numel()) for s in shapes.values()))
+    w = torch.randn(flat.size, requires_grad=True)
+    pieces = flat.unflatten(w)
+    parents = {t.grad_fn.next_functions[0][0] for t in pieces.values()}
+    assert len(parents) == 1 and "Split" in type(parents.pop()).__name__
+    assert all(t.shape == shapes[n] for n, t in pieces.items())
+    grads = {n: torch.full(s, float(i)) for i, (n, s) in enumerate(shapes.items())}
+    (gw,) = torch.autograd.grad(list(pieces.values()), w, list(grads.values()))
+    assert torch.equal(gw, flat.flatten(grads))
+    batched = flat.unflatten(torch.arange(2 * flat.size, dtype=torch.float32).view(2, -1))
+    assert batched["p2"].shape == (2, 3, 3)
+    assert torch.equal(batched["p0"][1].flatten(), torch.arange(flat.size, flat.size + 3.0))
