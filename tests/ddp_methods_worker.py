@@ -92,4 +92,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Exit without interpreter teardown, as the flatminima CLI does under torchrun: gloo's
+    # threads can abort it after the work is done (see leave_without_teardown).
+    from flatminima.experiment.cli import leave_without_teardown
+
+    leave_without_teardown(main())
