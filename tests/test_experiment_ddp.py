@@ -56,3 +56,20 @@ def test_torchrun_two_gloo_ranks(tmp_path):
     assert isinstance(state["rng"], list) and len(state["rng"]) == 2
     g0, g1 = (s["generators"]["method"] for s in state["rng"])
     assert not torch.equal(g0, g1)  # each rank draws its own perturbation
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_torchrun_worker_exits_with_its_status_and_output_but_no_teardown(world):
+    # Under torchrun (WORLD_SIZE > 1) the CLI leaves without interpreter teardown, where gloo's
+    # threads can abort a finished run; the status and everything printed must still come out.
+    code = ("import atexit, sys; atexit.register(print, 'teardown ran'); "
+            "from flatminima.experiment.cli import main; sys.argv = ['flatminima'] + sys.argv[1:]; "
+            "sys.exit(main())")
+    env = {**os.environ, "WORLD_SIZE": world}
+    ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True,
+                        text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0].strip()
+    assert ("teardown ran" in ok.stdout) == (world == "1")
+    bad = subprocess.run([sys.executable, "-c", code, "train", "no_such_key=1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "no_such_key" in bad.stderr
