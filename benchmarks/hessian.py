@@ -336,7 +336,8 @@ class only_trainable:
 
 
 def floor_times(model, data, names: list[str] | None, repeats: int = 5) -> dict:
-    """CPU seconds of the work no top-eigenvalue method can skip, on the same model and data.
+    """CPU seconds of one forward pass (which no method can skip) and one gradient, on the
+    same model and data.
 
     ``forward_s``: one forward pass over the data (every method reads it through the network).
     ``gradient_s``: one gradient of the size-weighted mean loss with respect to the measured
