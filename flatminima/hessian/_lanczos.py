@@ -159,6 +159,21 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> Tensor:
     return t
 
 
+def ritz_step(t: Tensor, b: float, eps: float) -> tuple[Tensor, Tensor, Tensor, bool, float]:
+    """The Ritz pairs of the projected matrix ``t`` after a step whose new residual vector has
+    norm ``b``: ``(theta ascending, s, residuals, breakdown, floor)``.
+
+    ``residuals[i] = b |e_m^T s_i|``. ``b`` at or below ``floor = 100 eps max|theta|`` (about the
+    rounding noise of a product) is a breakdown: the Krylov space is invariant and the Ritz pairs
+    of this block are exact, so their residuals are 0.
+    """
+    theta, s = torch.linalg.eigh(t)
+    floor = 100 * eps * (float(theta.abs().max()) if theta.numel() else 0.0)
+    breakdown = b <= floor or b == 0.0
+    residuals = (0.0 if breakdown else b) * s[-1].abs()
+    return theta, s, residuals, breakdown, floor
+
+
 def _orthogonalize(w: Tensor, basis: LanczosBasis) -> Tensor:
     # Classical Gram-Schmidt twice ("twice is enough", Giraud et al. 2005): keeps the basis
     # orthogonal to working precision, so no spurious copies of converged Ritz values appear.
@@ -218,19 +233,14 @@ def lanczos(
             w = _orthogonalize(w, basis)
         b = float(w.norm())
         alpha.append(a)
-        t = _tridiagonal(alpha, beta)
-        theta, s = torch.linalg.eigh(t)
-        scale = float(theta.abs().max()) if theta.numel() else 0.0
-        breakdown = b <= 100 * eps * scale or b == 0.0
-        # A breakdown means the Krylov space is invariant: the Ritz pairs of this block are exact.
-        residuals = (0.0 if breakdown else b) * s[-1].abs()
+        theta, s, residuals, breakdown, floor = ritz_step(_tridiagonal(alpha, beta), b, eps)
         ritz, weights = theta, s[0] ** 2
         if callback is not None:
             callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
         # hide in the orthogonal complement: look there before accepting convergence.
-        done, can_restart = rule.check(step, theta, s, residuals, breakdown,
-                                       restart_on_breakdown and step < n, 100 * eps * scale)
+        done, _ = rule.check(step, theta, s, residuals, breakdown,
+                             restart_on_breakdown and step < n, floor)
         if done:
             converged = True
             break

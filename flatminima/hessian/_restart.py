@@ -37,6 +37,7 @@ from flatminima.hessian._lanczos import (
     _wanted,
     lanczos,
     rademacher,
+    ritz_step,
 )
 
 
@@ -98,16 +99,12 @@ def restarted_lanczos(
         t[: j + 1, j] = h
         b = float(w.norm())
         m = j + 1
-        theta, s = torch.linalg.eigh(t[:m, :m])
-        scale = float(theta.abs().max())
-        breakdown = b <= 100 * eps * scale or b == 0.0
-        residuals = (0.0 if breakdown else b) * s[-1].abs()
+        theta, s, residuals, breakdown, floor = ritz_step(t[:m, :m], b, eps)
         if callback is not None:
             callback(step, theta, residuals)
         # As in plain Lanczos: after a breakdown, copies of a repeated eigenvalue can hide in the
         # orthogonal complement, so look there before accepting convergence.
-        done, _ = rule.check(step, theta, s, residuals, breakdown, basis.rows < n,
-                             100 * eps * scale)
+        done, _ = rule.check(step, theta, s, residuals, breakdown, basis.rows < n, floor)
         if done:
             converged = True
             break
