@@ -41,6 +41,7 @@ function, with a much cheaper double-backward than that of the fused kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -164,7 +165,8 @@ class CurvatureOperator:
         self.names = list(selected)
         self.flat = FlatParams.of(selected)
         self.size = self.flat.size
-        self.w0 = self.flat.flatten({n: p.detach() for n, p in selected.items()})
+        detached = {n: p.detach() for n, p in selected.items()}
+        self.w0 = self.flat.flatten(detached)
         # Every other parameter enters as a constant: no graph through the frozen part.
         self.fixed = {
             n: p.detach() for n, p in model.named_parameters() if n not in selected
@@ -176,14 +178,13 @@ class CurvatureOperator:
         # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper,
         # and folded into the layer before it, cheaper still.
         self._norms = eval_batchnorms(model) if affine_norms else []
-        self.folds = find_folds(model, self._norms,
-                                {**self.fixed, **{n: p.detach() for n, p in selected.items()}},
+        self.folds = find_folds(model, self._norms, {**self.fixed, **detached},
                                 self.batches[0][0][:8]) if fold_norms else []
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
-            self.trunk = capture_trunk(model, {n: p.detach() for n, p in selected.items()},
-                                       self.fixed, self.batches, self.memory // 2)
+            self.trunk = capture_trunk(model, detached, self.fixed, self.batches,
+                                       self.memory // 2)
         # None: decided by the measured size of the first graph (see _double_backward).
         self.cache_graph = cache_graph
         self.num_matvecs = 0
@@ -233,13 +234,11 @@ class CurvatureOperator:
 
     def _grad_graph(self, i: int, counter: _SavedBytes | None = None) -> tuple[Tensor, Tensor]:
         w = self.w0.detach().clone().requires_grad_(True)
-        if counter is None:
+        hooks = (contextlib.nullcontext() if counter is None else
+                 torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack))
+        with hooks:
             loss = self.weights[i] * self.batch_loss(w, i)
             (g,) = torch.autograd.grad(loss, w, create_graph=True)
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-                loss = self.weights[i] * self.batch_loss(w, i)
-                (g,) = torch.autograd.grad(loss, w, create_graph=True)
         return w, g
 
     def _double_backward(self, vs: Tensor) -> Tensor:
