@@ -36,7 +36,9 @@ Two caches make repeated products cheap without changing the operator:
 
 And eval-mode BatchNorm is evaluated as the affine map it is, folded into the convolution or
 linear layer before it where that is exact (:mod:`flatminima.hessian._eval_norm`): the same
-function, with a much cheaper double-backward than that of the fused kernel.
+function, with a much cheaper double-backward than that of the fused kernel. A convolution of
+the data (the first layer) gets a double-backward that skips the data's second-order gradient,
+which PyTorch's computes anyway (:mod:`flatminima.hessian._data_conv`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from flatminima._params import (
     model_device,
     select_params,
 )
+from flatminima.hessian._data_conv import data_convolutions
 from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms, find_folds
 from flatminima.hessian._trunk import Trunk, capture_trunk
 
@@ -133,7 +136,8 @@ class CurvatureOperator:
     The speed-ups of the module docstring can be switched off one by one (for comparisons):
     ``cache_graph`` (``None``: keep every batch's graph if all fit ``memory`` bytes; ``True`` /
     ``False``: always / never), ``reuse_trunk`` (its inputs may use ``memory / 2`` bytes),
-    ``affine_norms`` and ``fold_norms`` (the latter only acts with the former). ``memory``
+    ``affine_norms`` and ``fold_norms`` (the latter only acts with the former), ``data_convs``
+    (:mod:`flatminima.hessian._data_conv`; double-backward Hessian products only). ``memory``
     defaults to a quarter of the memory available on the device. ``folds`` lists the
     ``(layer, norm)`` pairs folded.
     """
@@ -151,6 +155,7 @@ class CurvatureOperator:
         reuse_trunk: bool = True,
         affine_norms: bool = True,
         fold_norms: bool = True,
+        data_convs: bool = True,
         memory: int | None = None,
     ) -> None:
         if curvature not in CURVATURES:
@@ -180,6 +185,9 @@ class CurvatureOperator:
         self._norms = eval_batchnorms(model) if affine_norms else []
         self.folds = find_folds(model, self._norms, {**self.fixed, **detached},
                                 self.batches[0][0][:8]) if fold_norms else []
+        # Convolutions of the data skip the input's second-order gradient (autograd Functions of
+        # their own, so only for the reverse-over-reverse Hessian product).
+        self.data_convs = data_convs and curvature == "hessian" and mode == "double_backward"
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
@@ -194,7 +202,8 @@ class CurvatureOperator:
     def outputs(self, w: Tensor, i: int) -> Tensor:
         """Model outputs on batch ``i`` at flat parameters ``w`` (other parameters fixed)."""
         params = self.flat.unflatten(w)
-        with affine_batchnorm(self._norms, self.folds):
+        convs = data_convolutions(self.model) if self.data_convs else contextlib.nullcontext()
+        with affine_batchnorm(self._norms, self.folds), convs:
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
