@@ -38,7 +38,8 @@ And eval-mode BatchNorm is evaluated as the affine map it is, folded into the co
 linear layer before it where that is exact (:mod:`flatminima.hessian._eval_norm`): the same
 function, with a much cheaper double-backward than that of the fused kernel. A convolution of
 the data (the first layer) gets a double-backward that skips the data's second-order gradient,
-which PyTorch's computes anyway (:mod:`flatminima.hessian._data_conv`).
+which PyTorch's computes anyway (:mod:`flatminima.hessian._data_conv`), and ReLU and
+max-pooling one without the zero tensors PyTorch's adds (:mod:`flatminima.hessian._piecewise`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from flatminima._params import (
 )
 from flatminima.hessian._data_conv import data_convolutions
 from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms, find_folds
+from flatminima.hessian._piecewise import lean_piecewise_linear
 from flatminima.hessian._trunk import Trunk, capture_trunk
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -137,7 +139,9 @@ class CurvatureOperator:
     ``cache_graph`` (``None``: keep every batch's graph if all fit ``memory`` bytes; ``True`` /
     ``False``: always / never), ``reuse_trunk`` (its inputs may use ``memory / 2`` bytes),
     ``affine_norms`` and ``fold_norms`` (the latter only acts with the former), ``data_convs``
-    (:mod:`flatminima.hessian._data_conv`; double-backward Hessian products only). ``memory``
+    (:mod:`flatminima.hessian._data_conv`) and ``lean_piecewise``
+    (:mod:`flatminima.hessian._piecewise`), both for double-backward Hessian products only.
+    ``memory``
     defaults to a quarter of the memory available on the device. ``folds`` lists the
     ``(layer, norm)`` pairs folded.
     """
@@ -156,6 +160,7 @@ class CurvatureOperator:
         affine_norms: bool = True,
         fold_norms: bool = True,
         data_convs: bool = True,
+        lean_piecewise: bool = True,
         memory: int | None = None,
     ) -> None:
         if curvature not in CURVATURES:
@@ -185,9 +190,12 @@ class CurvatureOperator:
         self._norms = eval_batchnorms(model) if affine_norms else []
         self.folds = find_folds(model, self._norms, {**self.fixed, **detached},
                                 self.batches[0][0][:8]) if fold_norms else []
-        # Convolutions of the data skip the input's second-order gradient (autograd Functions of
-        # their own, so only for the reverse-over-reverse Hessian product).
-        self.data_convs = data_convs and curvature == "hessian" and mode == "double_backward"
+        # Convolutions of the data skip the input's second-order gradient, ReLU and max-pooling
+        # the zero tensors of theirs (autograd Functions of their own, so only for the
+        # reverse-over-reverse Hessian product).
+        reverse_over_reverse = curvature == "hessian" and mode == "double_backward"
+        self.data_convs = data_convs and reverse_over_reverse
+        self.lean_piecewise = lean_piecewise and reverse_over_reverse
         self.memory = memory_budget(self.w0.device) if memory is None else int(memory)
         self.trunk: Trunk | None = None
         if reuse_trunk:
@@ -202,8 +210,10 @@ class CurvatureOperator:
     def outputs(self, w: Tensor, i: int) -> Tensor:
         """Model outputs on batch ``i`` at flat parameters ``w`` (other parameters fixed)."""
         params = self.flat.unflatten(w)
-        convs = data_convolutions(self.model) if self.data_convs else contextlib.nullcontext()
-        with affine_batchnorm(self._norms, self.folds), convs:
+        none = contextlib.nullcontext()
+        convs = data_convolutions(self.model) if self.data_convs else none
+        piecewise = lean_piecewise_linear() if self.lean_piecewise else none
+        with affine_batchnorm(self._norms, self.folds), convs, piecewise:
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
