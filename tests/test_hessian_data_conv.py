@@ -128,3 +128,26 @@ def test_off_for_products_through_torch_func(curvature, mode):
     model, x, y = setup("2d plain")
     op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode)
     assert op.data_convs is False
+
+
+@pytest.mark.parametrize("lean_piecewise", [True, False])
+@pytest.mark.parametrize("norm", [True, False])
+def test_in_place_relu_after_the_data_convolution(lean_piecewise, norm):
+    """A ResNet stem: conv (unfolded), BatchNorm (folded into it), ReLU(inplace=True)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 18, 3, padding=1, bias=not norm),
+                          nn.BatchNorm2d(18) if norm else nn.Identity(), nn.ReLU(inplace=True),
+                          nn.Conv2d(18, 3, 3, stride=2), nn.Flatten(), nn.LazyLinear(3)).double()
+    g = gen(7)
+    x = torch.randn(10, 2, 6, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (10,), generator=g)
+    model(x)
+    if norm:
+        model[1].running_mean.uniform_(-0.3, 0.3)
+        model[1].running_var.uniform_(0.5, 1.5)
+    model.eval()
+    op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), lean_piecewise=lean_piecewise)
+    assert len(op.folds) == int(norm)
+    h = dense_hessian(model, x, y)
+    vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
+    torch.testing.assert_close(products(op), vs @ h, rtol=1e-10, atol=1e-12)

@@ -37,9 +37,10 @@ _Geometry = tuple[list[int], list[int], list[int], int]     # stride, padding, d
 
 
 def _convolve(x: Tensor, cols: Tensor | None, weight: Tensor, bias: Tensor | None,
-              geometry: _Geometry) -> Tensor:
+              geometry: _Geometry, fresh: bool = False) -> Tensor:
     """``conv(x; weight, bias)``, as one matrix product with the unfolded input ``cols`` where
-    it is given (see :func:`_unfold`)."""
+    it is given (see :func:`_unfold`). ``fresh``: the result is not a view (an autograd
+    Function's output may then be changed in place, by an in-place ReLU)."""
     stride, padding, dilation, groups = geometry
     if cols is None:
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
@@ -50,8 +51,12 @@ def _convolve(x: Tensor, cols: Tensor | None, weight: Tensor, bias: Tensor | Non
     if cols.shape[1] > matrix.shape[1]:      # a row of ones: the bias enters the product
         shift = torch.zeros_like(matrix[:, :1]) if bias is None else bias.reshape(-1, 1)
         matrix = torch.cat([matrix, shift], 1)
-    out = torch.matmul(matrix, cols)                                    # (N, C_out, L)
-    return out.reshape(x.shape[0], weight.shape[0], *_output_size(x, weight, geometry))
+    shape = (x.shape[0], weight.shape[0], *_output_size(x, weight, geometry))
+    if fresh:
+        out = x.new_empty(shape)
+        torch.matmul(matrix, cols, out=out.view(shape[0], shape[1], -1))
+        return out
+    return torch.matmul(matrix, cols).reshape(shape)                   # (N, C_out, L) -> shape
 
 
 def _output_size(x: Tensor, weight: Tensor, geometry: _Geometry) -> list[int]:
@@ -119,7 +124,7 @@ class _DataConv(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, cols: Tensor | None, weight: Tensor, bias: Tensor | None,
                 geometry: _Geometry) -> Tensor:
-        return _convolve(x, cols, weight, bias, geometry)
+        return _convolve(x, cols, weight, bias, geometry, fresh=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
