@@ -233,11 +233,35 @@ def first_within(values: list[tuple[int, float, float]], ref: float, rtol: float
 
 
 # --- 1. hvp strategies ----------------------------------------------------------------------------
+def alternating(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, the order reversed on every other round so
+    that no function always runs first (or right after the same neighbour)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for key in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            t0 = clock()
+            fns[key]()
+            times[key].append(clock() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+# Kept-graph product variants of section 1: CurvatureOperator switches, all on by default.
+KEPT_VARIANTS = {
+    "double_backward_kept": {},
+    "double_backward_kept_no_piecewise": {"lean_piecewise": False},
+    "double_backward_kept_no_data_conv": {"data_convs": False},
+    "double_backward_kept_plain_torch": {"data_convs": False, "lean_piecewise": False},
+    "double_backward_kept_affine_bn": {"fold_norms": False},
+    "double_backward_kept_fused_bn": {"affine_norms": False},
+}
+
+
 def bench_hvp(model, x, y, repeats: int) -> dict:
     batch = (x, y)
     out = {}
-    op_db = CurvatureOperator(model, F.cross_entropy, batch, mode="double_backward",
-                              cache_graph=True)
+    kept = {key: CurvatureOperator(model, F.cross_entropy, batch, mode="double_backward",
+                                   cache_graph=True, **kw) for key, kw in KEPT_VARIANTS.items()}
+    op_db = kept["double_backward_kept"]
     op_db_re = CurvatureOperator(model, F.cross_entropy, batch, mode="double_backward",
                                  cache_graph=False)
     op_fr = CurvatureOperator(model, F.cross_entropy, batch, mode="forward_over_reverse")
@@ -245,20 +269,19 @@ def bench_hvp(model, x, y, repeats: int) -> dict:
     v = torch.randn(n)
     vs = torch.randn(8, n)
     out["graph_build_ms"] = 1e3 * timed(lambda: op_db._grad_graph(0), repeats)
-    op_db.matvec(v)  # builds and keeps the graph
-    out["double_backward_kept_ms"] = 1e3 * timed(lambda: op_db.matvec(v), repeats)
     out["folds"] = len(op_db.folds)
-    # BatchNorm as an affine map but not folded, and through its fused kernel (what
-    # differentiating the model as-is gives).
-    op_affine = CurvatureOperator(model, F.cross_entropy, batch, mode="double_backward",
-                                  cache_graph=True, fold_norms=False)
-    op_affine.matvec(v)
-    out["double_backward_kept_affine_bn_ms"] = 1e3 * timed(lambda: op_affine.matvec(v),
-                                                           repeats)
-    op_fused = CurvatureOperator(model, F.cross_entropy, batch, mode="double_backward",
-                                 cache_graph=True, affine_norms=False)
-    op_fused.matvec(v)
-    out["double_backward_kept_fused_bn_ms"] = 1e3 * timed(lambda: op_fused.matvec(v), repeats)
+    products = {}
+    for key, op in kept.items():
+        op.matvec(v)  # builds and keeps the graph
+        products[key] = lambda op=op: op.matvec(v)
+    if pyhessian is not None:
+        hc = pyhessian_for(model, batch)
+        vl = [torch.randn_like(p) for p in hc.params]
+        products["pyhessian_hvp"] = lambda: pyh_mod.hessian_vector_product(hc.gradsH,
+                                                                          hc.params, vl)
+    # The kept-graph products differ by 5-30%: time them in alternation, twice the rounds.
+    for key, secs in alternating(products, 2 * repeats).items():
+        out[f"{key}_ms"] = 1e3 * secs
     out["double_backward_rebuilt_ms"] = 1e3 * timed(lambda: op_db_re.matvec(v), repeats)
     out["forward_over_reverse_ms"] = 1e3 * timed(lambda: op_fr.matvec(v), repeats)
     out["block8_double_backward_kept_ms_per_vec"] = 1e3 * timed(lambda: op_db.matmat(vs),
@@ -267,17 +290,77 @@ def bench_hvp(model, x, y, repeats: int) -> dict:
                                                                    repeats) / 8
     out["block8_forward_over_reverse_ms_per_vec"] = 1e3 * timed(lambda: op_fr.matmat(vs),
                                                                 repeats) / 8
+    # Equality of the strategies on this model (max relative difference).
+    ref = op_db.matmat(vs)
+    others = {"rebuilt": op_db_re, "forward_over_reverse": op_fr,
+              **{key.removeprefix("double_backward_kept_"): op for key, op in kept.items()
+                 if key != "double_backward_kept"}}
+    for name, op in others.items():
+        out[f"max_rel_diff_{name}"] = float((op.matmat(vs) - ref).norm() / ref.norm())
+    return out
+
+
+def product_times(state_path: str, n_train: int, n_batch: int, rounds: int) -> dict:
+    """CPU ms per product of flatminima (default) and PyHessian on the CNN stored at
+    ``state_path``, one batch, graphs kept, in alternation (run in a child process)."""
+    torch.set_num_threads(1)
+    x, y, _ = load_data(n_train)
+    batch = (x[:n_batch], y[:n_batch])
+    model = cnn()
+    model.load_state_dict(torch.load(state_path))
+    model.eval()
+    op = CurvatureOperator(model, F.cross_entropy, batch, cache_graph=True)
+    v = torch.randn(op.size)
+    op.matvec(v)
+    fns = {"flatminima": lambda: op.matvec(v)}
     if pyhessian is not None:
         hc = pyhessian_for(model, batch)
         vl = [torch.randn_like(p) for p in hc.params]
-        out["pyhessian_hvp_ms"] = 1e3 * timed(
-            lambda: pyh_mod.hessian_vector_product(hc.gradsH, hc.params, vl), repeats)
-    # Equality of the strategies on this model (max relative difference).
-    ref = op_db.matmat(vs)
-    for name, op in (("rebuilt", op_db_re), ("forward_over_reverse", op_fr),
-                     ("affine_bn", op_affine), ("fused_bn", op_fused)):
-        out[f"max_rel_diff_{name}"] = float((op.matmat(vs) - ref).norm() / ref.norm())
+        fns["pyhessian"] = lambda: pyh_mod.hessian_vector_product(hc.gradsH, hc.params, vl)
+    return {f"{k}_ms": 1e3 * t for k, t in alternating(fns, rounds).items()}
+
+
+def bench_huge_pages(model, n_train: int, n_batch: int, rounds: int) -> dict:
+    """The products of section 1 in two child processes, PyTorch's CPU allocator with and
+    without transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``): fresh activations then fault
+    in 2 MiB pages instead of 4 KiB ones."""
+    import subprocess
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        state = os.path.join(tmp, "cnn.pt")
+        torch.save(model.state_dict(), state)
+        for key, value in (("default", None), ("huge_pages", "1")):
+            env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+            if value is not None:
+                env["THP_MEM_ALLOC_ENABLE"] = value
+            done = subprocess.run(
+                [sys.executable, __file__, "--product-times", state, str(n_train), str(n_batch),
+                 str(rounds)], env=env, capture_output=True, text=True, check=True)
+            out[key] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {key}: {out[key]}", flush=True)
     return out
+
+
+def huge_pages_report(thp: dict | None) -> list[str]:
+    if not thp:
+        return []
+    lines = [
+        "Much of a product's time on CPU is the kernel handing out fresh pages for new "
+        "activations. PyTorch's CPU allocator can ask for transparent huge pages instead "
+        "(environment variable `THP_MEM_ALLOC_ENABLE=1`, read when torch starts); the same "
+        "products in two child processes, one per setting, alternating rounds:",
+        "",
+        "| PyTorch CPU allocator | flatminima (ms) | PyHessian (ms) | PyHessian / flatminima |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (("default", "default (4 KiB pages)"),
+                       ("huge_pages", "`THP_MEM_ALLOC_ENABLE=1`")):
+        r = thp[key]
+        ours, theirs = r["flatminima_ms"], r.get("pyhessian_ms", float("nan"))
+        lines.append(f"| {label} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x |")
+    return [*lines, ""]
 
 
 def bench_norm_folding(repeats: int) -> dict:
@@ -295,20 +378,18 @@ def bench_norm_folding(repeats: int) -> dict:
             bn.running_var.uniform_(0.5, 1.5)
         batch = (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
         ops = {"folded": CurvatureOperator(model, F.cross_entropy, batch),
+               "folded_plain_torch": CurvatureOperator(model, F.cross_entropy, batch,
+                                                       data_convs=False, lean_piecewise=False),
                "affine": CurvatureOperator(model, F.cross_entropy, batch, fold_norms=False),
                "fused": CurvatureOperator(model, F.cross_entropy, batch, affine_norms=False)}
         v = torch.randn(ops["folded"].size)
         for op in ops.values():
             op.matvec(v)
-        times: dict[str, list[float]] = {k: [] for k in ops}
-        for r in range(repeats):            # alternate the order between repeats
-            for key in (list(ops) if r % 2 == 0 else list(reversed(ops))):
-                t0 = clock()
-                ops[key].matvec(v)
-                times[key].append(clock() - t0)
+        products = {k: lambda op=op, v=v: op.matvec(v) for k, op in ops.items()}
+        medians = alternating(products, repeats)
         out[name] = {"params": ops["folded"].size, "norms": len(ops["affine"]._norms),
                      "folds": len(ops["folded"].folds),
-                     **{f"{k}_ms": 1e3 * statistics.median(t) for k, t in times.items()}}
+                     **{f"{k}_ms": 1e3 * t for k, t in medians.items()}}
         print(f"  {name}: {out[name]}", flush=True)
     return out
 
@@ -579,12 +660,20 @@ def write_report(res: dict) -> str:
         "|---|---|",
         f"| build the gradient graph once (forward + backward, create_graph) | "
         f"{hv['graph_build_ms']:.1f} |",
-        f"| double-backward, graph kept (BatchNorm folded into the {hv.get('folds', 0)} "
-        f"convolution/linear layers before it) | {hv['double_backward_kept_ms']:.1f} |",
-        f"| the same, BatchNorm as an affine map x*s+t, not folded | "
-        f"{hv.get('double_backward_kept_affine_bn_ms', float('nan')):.1f} |",
-        f"| the same, BatchNorm through its fused kernel | "
-        f"{hv.get('double_backward_kept_fused_bn_ms', float('nan')):.1f} |",
+        f"| double-backward, graph kept (the default: BatchNorm folded into the "
+        f"{hv.get('folds', 0)} convolution/linear layers before it, the data's convolution "
+        f"without the data's gradient, ReLU and max-pooling without zero tensors) | "
+        f"{hv['double_backward_kept_ms']:.1f} |",
+        *optional_row(hv, "double_backward_kept_no_piecewise_ms",
+                      "the same, ReLU and max-pooling through PyTorch's double-backward"),
+        *optional_row(hv, "double_backward_kept_no_data_conv_ms",
+                      "the same, the data's convolution through PyTorch's double-backward"),
+        *optional_row(hv, "double_backward_kept_plain_torch_ms",
+                      "the same, both through PyTorch's double-backward"),
+        *optional_row(hv, "double_backward_kept_affine_bn_ms",
+                      "the default with BatchNorm as an affine map x*s+t, not folded"),
+        *optional_row(hv, "double_backward_kept_fused_bn_ms",
+                      "the default with BatchNorm through its fused kernel"),
         f"| double-backward, graph rebuilt per product | {hv['double_backward_rebuilt_ms']:.1f} |",
         f"| forward-over-reverse (torch.func.jvp of grad) | {hv['forward_over_reverse_ms']:.1f} |",
         f"| block of 8, double-backward kept (is_grads_batched) | "
@@ -596,13 +685,13 @@ def write_report(res: dict) -> str:
     ]
     if "pyhessian_hvp_ms" in hv:
         lines.append(f"| PyHessian's product (graph kept) | {hv['pyhessian_hvp_ms']:.1f} |")
-    agree = max(hv["max_rel_diff_rebuilt"], hv["max_rel_diff_forward_over_reverse"],
-                hv.get("max_rel_diff_fused_bn", 0.0), hv.get("max_rel_diff_affine_bn", 0.0))
+    agree = max(v for k, v in hv.items() if k.startswith("max_rel_diff_"))
     lines += [
         "",
         f"All strategies agree (max relative difference {agree:.1e}). Decision for "
         f"`mode=\"auto\"`: {res['decision']}",
         "",
+        *huge_pages_report(res.get("huge_pages")),
         *fold_report(res.get("norm_folding")),
         "Where the time goes in sections 2d-2e: flatminima keeps the gradient graph of every "
         "batch when all of them fit a quarter of the available memory (PyHessian's dataloader "
@@ -690,6 +779,11 @@ def write_report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def optional_row(hv: dict, key: str, label: str) -> list[str]:
+    """A table row for a measurement that older result files may lack."""
+    return [f"| {label} | {hv[key]:.1f} |"] if key in hv else []
+
+
 def fold_report(fold: dict | None) -> list[str]:
     if not fold:
         return []
@@ -699,12 +793,15 @@ def fold_report(fold: dict | None) -> list[str]:
         "(random weights, one batch of 32, CPU ms per product, median of alternating runs) the "
         "convolutions dominate:",
         "",
-        "| model | parameters | BatchNorms folded | folded | affine | fused kernel |",
-        "|---|---|---|---|---|---|",
+        "| model | parameters | BatchNorms folded | folded | affine | fused kernel | folded, "
+        "data convolution and ReLU through PyTorch's double-backward |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in fold.items():
+        plain = r.get("folded_plain_torch_ms", float("nan"))
         lines.append(f"| {name} | {r['params']} | {r['folds']} of {r['norms']} | "
-                     f"{r['folded_ms']:.0f} | {r['affine_ms']:.0f} | {r['fused_ms']:.0f} |")
+                     f"{r['folded_ms']:.0f} | {r['affine_ms']:.0f} | {r['fused_ms']:.0f} | "
+                     f"{plain:.0f} |")
     return [*lines, ""]
 
 
@@ -853,9 +950,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--from-json", action="store_true",
                     help="rewrite hessian.md from the stored hessian.json without measuring")
+    ap.add_argument("--product-times", nargs=4, metavar=("STATE", "N_TRAIN", "N_BATCH", "ROUNDS"),
+                    help=argparse.SUPPRESS)   # the child process of bench_huge_pages
     ap.add_argument("--only", choices=["memory"],
                     help="measure one section and merge it into the stored hessian.json")
     args = ap.parse_args()
+    if args.product_times:
+        state, n_train, n_batch, rounds = args.product_times
+        print(json.dumps(product_times(state, int(n_train), int(n_batch), int(rounds))))
+        return 0
     if args.from_json:
         res = json.loads((RESULTS / "hessian.json").read_text())
         (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
@@ -903,6 +1006,8 @@ def main() -> int:
     hv = res["hvp"]
     kept, fr = hv["double_backward_kept_ms"], hv["forward_over_reverse_ms"]
     rebuilt = hv["double_backward_rebuilt_ms"]
+    print("huge pages ...", flush=True)
+    res["huge_pages"] = bench_huge_pages(model_cnn, n_train, n_batch, 6 if args.quick else 16)
     print("BatchNorm folding on CIFAR-shaped models ...", flush=True)
     res["norm_folding"] = bench_norm_folding(repeats=2 if args.quick else 3)
     res["decision"] = (
