@@ -61,15 +61,21 @@ def setup(name: str, seed: int = 0):
 unfold = dc._unfold
 
 
-def node_names(root) -> set[str]:
-    seen, stack = set(), [root]
+def node_counts(root) -> dict[str, int]:
+    """How many autograd nodes of each type the graph below ``root`` holds."""
+    seen, stack, counts = set(), [root], {}
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
         stack.extend(nxt for nxt, _ in node.next_functions)
-    return {type(n).__name__ for n in seen}
+    return counts
+
+
+def node_names(root) -> set[str]:
+    return set(node_counts(root))
 
 
 @pytest.mark.parametrize("name", list(CONVS))

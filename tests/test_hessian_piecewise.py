@@ -11,7 +11,7 @@ import flatminima.hessian as fh
 from flatminima.hessian._piecewise import lean_piecewise_linear
 from tests.test_hessian import dense_hessian, gen
 from tests.test_hessian_caches import products
-from tests.test_hessian_data_conv import node_names
+from tests.test_hessian_data_conv import node_counts, node_names
 
 
 class PiecewiseNet(nn.Module):
@@ -66,17 +66,6 @@ def test_same_values_and_the_new_path_under_the_mode():
     assert counts.get("MaxPool2DWithIndicesBackward0") == 1
     assert "_ReluBackward" not in node_names(model(x).grad_fn)
 
-
-def node_counts(root) -> dict[str, int]:
-    seen, stack, counts = set(), [root], {}
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return counts
 
 
 @pytest.mark.parametrize("lean", [True, False])
