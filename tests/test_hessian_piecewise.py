@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatminima.hessian as fh
+import flatminima.hessian._piecewise as pw
 from flatminima.hessian._piecewise import lean_piecewise_linear
 from tests.test_hessian import dense_hessian, gen
 from tests.test_hessian_caches import products
@@ -37,6 +38,12 @@ class PiecewiseNet(nn.Module):
         h = F.relu(h + F.max_pool1d(h.flatten(2), 1).view_as(h) * 0.1)
         h = torch.max_pool2d(h, 2, 1)
         return self.head(torch.cat([h, h], 3).flatten(1))
+
+
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """The test activations are small: take the new path for all of them."""
+    monkeypatch.setattr(pw, "MIN_NUMEL", 0)
 
 
 def setup(seed: int = 0):
@@ -92,3 +99,16 @@ def test_off_for_products_through_torch_func(curvature, mode):
     model, x, y = setup()
     op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), curvature=curvature, mode=mode)
     assert op.lean_piecewise is False
+
+
+def test_small_activations_keep_pytorchs_path(monkeypatch):
+    model, x, _ = setup()
+    monkeypatch.setattr(pw, "MIN_NUMEL", 10 * 4 * 8 * 8 + 1)   # just above the largest one
+    w = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    with lean_piecewise_linear():
+        counts = node_counts(torch.func.functional_call(model, w, (x,)).grad_fn)
+    assert "_ReluBackward" not in counts and "_MaxPool2dBackward" not in counts
+    monkeypatch.setattr(pw, "MIN_NUMEL", 10 * 4 * 8 * 8)       # the first ReLU's size
+    with lean_piecewise_linear():
+        counts = node_counts(torch.func.functional_call(model, w, (x,)).grad_fn)
+    assert counts.get("_ReluBackward") == 1 and counts.get("_MaxPool2dBackward") == 1

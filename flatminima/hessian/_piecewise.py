@@ -14,8 +14,9 @@ and derivatives are PyTorch's (the same masks and argmax indices; the tests comp
 with the dense Hessian). :func:`lean_piecewise_linear` routes ``F.relu`` / ``torch.relu`` /
 ``Tensor.relu`` (and their in-place forms, kept in place) and ``F.max_pool2d`` /
 ``torch.max_pool2d`` on 4D inputs through them while a block runs (a ``TorchFunctionMode``, so
-modules and functional calls alike); any other call, or one whose input needs no gradient, runs
-unchanged.
+modules and functional calls alike); any other call, one whose input needs no gradient or one
+on fewer than :data:`MIN_NUMEL` elements (where the Python-level Functions cost more than the
+zeros) runs unchanged.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def _pool_geometry(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     return kernel, stride, list(_pair(padding)), list(_pair(dilation)), bool(ceil_mode)
 
 
+# Below this many elements the zero tensors cost less than the Python-level autograd Functions
+# (an MLP with 512 x 24 activations: 0.70 ms per product through them against 0.59 ms without).
+MIN_NUMEL = 1 << 16
+
 _RELU = {F.relu, torch.relu, Tensor.relu}
 _RELU_INPLACE = {F.relu_, torch.relu_, Tensor.relu_}
 _MAX_POOL = {F.max_pool2d, F._max_pool2d, torch.max_pool2d}
@@ -125,7 +130,8 @@ class lean_piecewise_linear(TorchFunctionMode):  # noqa: N801 - used as a contex
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         x = args[0] if args else kwargs.get("input")
-        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
+        if (isinstance(x, Tensor) and x.requires_grad and x.numel() >= MIN_NUMEL
+                and torch.is_grad_enabled()):
             if func in _RELU:
                 inplace = bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
                 return _Relu.apply(x, inplace)
