@@ -789,9 +789,11 @@ def fold_report(fold: dict | None) -> list[str]:
         return []
     lines = [
         "Folding BatchNorm into the layer before it saves the elementwise work on every "
-        "activation, which dominates on the small CNN above; on wider CIFAR-shaped models "
-        "(random weights, one batch of 32, CPU ms per product, median of alternating runs) the "
-        "convolutions dominate:",
+        "activation, and the data's convolution and the ReLU/max-pooling paths save a "
+        "transposed convolution and two zero tensors per layer, which matter on the small CNN "
+        "above; on wider CIFAR-shaped models (random weights, one batch of 32, CPU ms per "
+        "product, median of alternating runs) the convolutions between the layers dominate "
+        "and the variants are within the run-to-run spread (a few percent) of each other:",
         "",
         "| model | parameters | BatchNorms folded | folded | affine | fused kernel | folded, "
         "data convolution and ReLU through PyTorch's double-backward |",
@@ -926,9 +928,10 @@ def targets(res: dict) -> list[str]:
             f"needs about two products more. A product is a double-backward through the "
             f"same network in both libraries ({res['hvp']['double_backward_kept_ms']:.0f} ms "
             f"against PyHessian's {res['hvp'].get('pyhessian_hvp_ms', float('nan')):.0f} ms in "
-            f"section 1, flatminima folding eval-mode BatchNorm into the layer before it), so "
-            f"the time "
-            f"ratio is about the product ratio times that; over several batches keeping the "
+            f"section 1: flatminima folds eval-mode BatchNorm into the layer before it, skips "
+            f"the data's second-order gradient in the first convolution and the zero tensors "
+            f"of ReLU and max-pooling), so the time ratio is about the product ratio times "
+            f"that, less the graph build both pay once; over several batches keeping the "
             f"graphs also saves the rebuild. The 3x is reached where the products differ in "
             f"number or in cost: several eigenvalues at once, and a last layer over several "
             f"batches. The floor under each section bounds what any method could reach on the "
