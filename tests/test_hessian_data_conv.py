@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import flatminima.hessian as fh
-import flatminima.hessian._data_conv as dc
 from flatminima.hessian._data_conv import data_convolutions
 from tests.test_hessian import dense_hessian, gen
 from tests.test_hessian_caches import products
@@ -34,10 +33,8 @@ CONVS = {
                                                        padding=2, groups=2), 2),
     "2d no bias, same": (lambda: nn.Conv2d(2, 3, 3, padding="same", bias=False), 2),
     "2d valid": (lambda: nn.Conv2d(2, 3, (2, 3), padding="valid"), 2),
-    "2d unfolded (C_in*k*k <= C_out)": (lambda: nn.Conv2d(2, 18, 3, padding=1), 2),
-    "2d unfolded, strided, dilated, no bias": (lambda: nn.Conv2d(2, 18, 3, stride=2,
-                                                                 dilation=2, padding=1,
-                                                                 bias=False), 2),
+    "2d wide, strided, dilated, no bias": (lambda: nn.Conv2d(2, 18, 3, stride=2, dilation=2,
+                                                             padding=1, bias=False), 2),
     "1d": (lambda: nn.Conv1d(2, 3, 3, padding=1), 1),
     "3d": (lambda: nn.Conv3d(2, 2, 2), 3),
     "reflect padding (falls back)": (lambda: nn.Conv2d(2, 3, 3, padding=1,
@@ -56,9 +53,6 @@ def setup(name: str, seed: int = 0):
     y = torch.randint(0, 3, (10,), generator=g)
     model(x)  # materialize the lazy head
     return model, x, y
-
-
-unfold = dc._unfold
 
 
 def node_counts(root) -> dict[str, int]:
@@ -90,24 +84,18 @@ def test_products_equal_dense_hessian_with_and_without(name):
     assert all("_conv_forward" not in m.__dict__ for m in model.modules())  # restored
 
 
-@pytest.mark.parametrize("conv", ["2d strided, dilated, grouped",
-                                  "2d unfolded (C_in*k*k <= C_out)"])
 @pytest.mark.parametrize("params", [["conv.weight"], ["conv.weight", "conv2.weight"],
                                     ["conv.bias", "head.weight"]])
-def test_parameter_subsets_including_a_frozen_bias(conv, params):
-    model, x, y = setup(conv, seed=4)
+def test_parameter_subsets_including_a_frozen_bias(params):
+    model, x, y = setup("2d strided, dilated, grouped", seed=4)
     h = dense_hessian(model, x, y, params)
     op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), params)
     vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))
     torch.testing.assert_close(products(op), vs @ h, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,unfolded", [("2d plain", False),
-                                           ("2d unfolded (C_in*k*k <= C_out)", True)])
-def test_only_the_convolution_of_the_data_takes_the_new_path(name, unfolded, monkeypatch):
-    model, x, y = setup(name)
-    patches = []
-    monkeypatch.setattr(dc, "_unfold", lambda *a: patches.append(unfold(*a)) or patches[-1])
+def test_only_the_convolution_of_the_data_takes_the_new_path():
+    model, x, y = setup("2d plain")
     w = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     with data_convolutions(model):
         loss = F.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
@@ -118,11 +106,6 @@ def test_only_the_convolution_of_the_data_takes_the_new_path(name, unfolded, mon
     assert sum(n == "_DataConvBackward" for n in names) == 1
     assert "ConvolutionBackward0" in names          # conv2, whose input needs a gradient
     assert "_WeightGradBackward" in node_names(g.grad_fn)
-    # Patches only where they are no larger than the output, with a row of ones for the bias.
-    assert len(patches) == 1 and (patches[0] is not None) is unfolded
-    if unfolded:
-        assert patches[0].shape == (10, 2 * 3 * 3 + 1, 36)
-        torch.testing.assert_close(patches[0][:, -1], torch.ones(10, 36, dtype=x.dtype))
     assert plain.grad_fn is None
     torch.testing.assert_close(plain, model(x), rtol=1e-12, atol=0)
     # Without the block the model is untouched.
@@ -139,7 +122,7 @@ def test_off_for_products_through_torch_func(curvature, mode):
 @pytest.mark.parametrize("lean_piecewise", [True, False])
 @pytest.mark.parametrize("norm", [True, False])
 def test_in_place_relu_after_the_data_convolution(lean_piecewise, norm):
-    """A ResNet stem: conv (unfolded), BatchNorm (folded into it), ReLU(inplace=True)."""
+    """A ResNet stem: conv, BatchNorm (folded into it), ReLU(inplace=True)."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 18, 3, padding=1, bias=not norm),
                           nn.BatchNorm2d(18) if norm else nn.Identity(), nn.ReLU(inplace=True),
