@@ -84,8 +84,9 @@ def test_products_equal_dense_hessian_with_and_without(name):
     assert all("_conv_forward" not in m.__dict__ for m in model.modules())  # restored
 
 
-@pytest.mark.parametrize("params", [["conv.weight"], ["conv.weight", "conv2.weight"],
-                                    ["conv.bias", "head.weight"]])
+# conv2.weight alone: conv2's input comes from frozen layers, so it takes the new path too.
+@pytest.mark.parametrize("params", [["conv.weight"], ["conv2.weight"],
+                                    ["conv.weight", "conv2.weight"], ["conv.bias", "head.weight"]])
 def test_parameter_subsets_including_a_frozen_bias(params):
     model, x, y = setup("2d strided, dilated, grouped", seed=4)
     h = dense_hessian(model, x, y, params)
