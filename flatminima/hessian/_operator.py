@@ -141,8 +141,7 @@ class CurvatureOperator:
     ``affine_norms`` and ``fold_norms`` (the latter only acts with the former), ``data_convs``
     (:mod:`flatminima.hessian._data_conv`) and ``lean_piecewise``
     (:mod:`flatminima.hessian._piecewise`), both for double-backward Hessian products only.
-    ``memory``
-    defaults to a quarter of the memory available on the device. ``folds`` lists the
+    ``memory`` defaults to a quarter of the memory available on the device. ``folds`` lists the
     ``(layer, norm)`` pairs folded.
     """
 
