@@ -15,7 +15,10 @@ What it measures (results in ``benchmarks/results/hessian.md`` and ``.json``):
    Settings: one batch (both libraries keep the gradient graph) and several batches (PyHessian in
    its dataloader mode), all parameters and the last layer only; and the top 5 eigenvalues
    (PyHessian: power iteration with deflation, one eigenvalue after the other), also on an
-   untrained CNN whose top eigenvalues crowd: how often a run returns a wrong fifth value.
+   untrained CNN whose top eigenvalues crowd: how often a run returns a wrong fifth value; and
+   at CIFAR scale (``--only cifar``, not in the default run: about 10 minutes more), ResNet-18
+   trained briefly on CPU on the CIFAR-10 JPEG copy, last layer over several batches and all
+   parameters on one batch.
 3. Trace at equal budgets of products: flatminima's krylov (default), Hutch++ and Hutchinson and
    PyHessian's Hutchinson against the exact trace (sum of ``e_i^T H e_i`` over all coordinates),
    RMS relative error over seeds, and Hutchinson's error in closed form from the dense Hessian.
@@ -26,7 +29,7 @@ What it measures (results in ``benchmarks/results/hessian.md`` and ``.json``):
 PyHessian is not a dependency of flatminima: run this file with a Python that has it, e.g.
 
     python3 -m venv /tmp/venv-pyhessian
-    /tmp/venv-pyhessian/bin/pip install torch==2.13.0 pyhessian
+    /tmp/venv-pyhessian/bin/pip install torch==2.13.0 pyhessian pillow
     /tmp/venv-pyhessian/bin/python benchmarks/hessian.py            # ~10 minutes on 2 CPU cores
     /tmp/venv-pyhessian/bin/python benchmarks/hessian.py --only memory   # one section, merged
     /tmp/venv-pyhessian/bin/python benchmarks/hessian.py --only clusters
@@ -478,7 +481,8 @@ def floor_times(model, data, names: list[str] | None, repeats: int = 5) -> dict:
     return {"forward_s": timed(forward, repeats), "gradient_s": timed(gradient, repeats)}
 
 
-def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=None) -> dict:
+def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=None,
+                oracle: bool = True, floors: bool = True) -> dict:
     ref = reference_top(model, batch, k, params)
     names = last_layer_names(model) if params == "last_layer" else None
     rows = []
@@ -495,7 +499,7 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
             row["ours_matvecs"] = c.calls
             row["ours_rel_err"] = float(((ours - ref).abs() / ref.abs()).max())
             # flatminima, oracle stop: first Lanczos step with the top-k Ritz values within 1e-3
-            if k == 1:
+            if k == 1 and oracle:
                 t0 = clock()
                 op = CurvatureOperator(model, F.cross_entropy, batch, params)
                 hist = []
@@ -520,7 +524,7 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
             row["pyh_matvecs"] = c.calls
             got = torch.tensor(sorted(vals, reverse=True), dtype=torch.float64)
             row["pyh_rel_err"] = float(((got - ref).abs() / ref.abs()).max())
-            if k == 1:
+            if k == 1 and oracle:
                 torch.manual_seed(seed)
                 with (Counter(record=True, stop_at=(float(ref[0]), 1e-3)) as c,
                       only_trainable(model, names)):
@@ -539,8 +543,8 @@ def bench_eigen(model, batch, seeds: list[int], k: int, pyh_iter: int, params=No
         print(f"  k={k} seed {seed}: " + ", ".join(
             f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
             for key, val in row.items() if key != "seed"), flush=True)
-    floors = floor_times(model, batch, names) if k == 1 else {}
-    return {"reference": ref.tolist(), "runs": rows, "floors": floors}
+    floor = floor_times(model, batch, names) if k == 1 and floors else {}
+    return {"reference": ref.tolist(), "runs": rows, "floors": floor}
 
 
 # --- 2g. a clustered spectrum ----------------------------------------------------------------
@@ -629,6 +633,84 @@ def clusters_report(cl: dict | None) -> list[str]:
         "`starts=2` runs twice and keeps the larger value at each rank (twice the products).",
         "",
     ]
+    return lines
+
+
+# --- 2h-2i. CIFAR scale ------------------------------------------------------------------------
+CIFAR_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_SCENARIOS = (
+    ("cifar_last", "2h. Top eigenvalue, ResNet-18 on CIFAR-10 (JPEG), last layer only, "
+                   "several batches"),
+    ("cifar_all", "2i. Top eigenvalue, ResNet-18 on CIFAR-10 (JPEG), all parameters, one batch"),
+)
+
+
+def run_cifar(quick: bool = False) -> dict | None:
+    """ResNet-18 (11.2M parameters) trained briefly on CPU, then the top eigenvalue of its last
+    layer over several batches and of all parameters on one batch, against PyHessian."""
+    if not CIFAR_JPEG.is_file():
+        print(f"  skipped: {CIFAR_JPEG} not found", flush=True)
+        return None
+    from flatminima.data.imagefolder import load_imagefolder
+    from flatminima.models import create_model
+
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "flatminima-bench-cache"
+    data = load_imagefolder(CIFAR_JPEG.parent, archive=CIFAR_JPEG.name, cache_dir=cache)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    n_train, size = (1024, 64) if quick else (4096, 128)
+    # The image tree lists the images class by class: a seeded random subset mixes them.
+    pick = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:n_train]
+    x = (data.x_train[pick].float().div(255) - mean) / std
+    y = data.y_train[pick]
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)   # training only; measured on `threads`
+    t0 = time.perf_counter()
+    model = train(model, x, y, epochs=1 if quick else 2)
+    train_s = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        acc = float(sum((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum()
+                        for i in range(0, n_train, 256)) / n_train)
+    batches = [(x[i:i + size], y[i:i + size]) for i in range(0, 4 * size, size)]
+    small = (x[:32], y[:32])
+    seeds = [0] if quick else [0, 1]
+    out: dict = {"env": {"data": data.label, "train_images": n_train, "epochs": 1 if quick else 2,
+                         "train_seconds": train_s, "train_accuracy": acc,
+                         "params": sum(p.numel() for p in model.parameters()),
+                         "last_params": sum(p.numel() for n, p in model.named_parameters()
+                                            if n in last_layer_names(model)),
+                         "batches": len(batches), "batch": size, "one_batch": len(small[0])}}
+    print(f"  ResNet-18 trained in {train_s:.0f} s, train accuracy {acc:.2f}", flush=True)
+    out["cifar_last"] = bench_eigen(model, batches, seeds, 1, pyh_iter=0, params="last_layer",
+                                    oracle=False, floors=False)
+    out["cifar_all"] = bench_eigen(model, small, seeds, 1, pyh_iter=0, oracle=False,
+                                   floors=False)
+    return out
+
+
+def cifar_report(res: dict) -> list[str]:
+    if not res.get("cifar"):
+        return []
+    c = res["cifar"]
+    env = c["env"]
+    lines = [
+        f"## 2h-2i. CIFAR scale (measured {c.get('date', 'with the rest')})",
+        "",
+        f"ResNet-18 ({env['params']} parameters, last layer {env['last_params']}) trained for "
+        f"{env['epochs']} epochs on the first {env['train_images']} training images of "
+        f"{env['data']} with SGD on {os.cpu_count()} CPU threads ({env['train_seconds']:.0f} s; "
+        f"train accuracy {env['train_accuracy']:.2f}: briefly trained, as the MNIST models "
+        f"above), then measured on 1 thread. Last layer: {env['batches']} batches of "
+        f"{env['batch']} images; all parameters: one batch of {env['one_batch']} images. No "
+        "oracle stop here: each library runs once per start vector at its own stopping rule.",
+        "",
+    ]
+    for key, title in CIFAR_SCENARIOS:
+        if key in c:
+            lines += eigen_report(c[key], title)
     return lines
 
 
@@ -827,55 +909,10 @@ def write_report(res: dict) -> str:
         "",
     ]
     for key, title in SCENARIOS:
-        if key not in res:
-            continue
-        e = res[key]
-        rows = e["runs"]
-        one = len(e["reference"]) == 1
-        lines += [
-            f"## {title}: to 1e-3 relative error (median over {len(rows)} start vectors)",
-            "",
-            "Reference (Lanczos to residual 1e-9): "
-            + ", ".join(f"{v:.6g}" for v in e["reference"]),
-            "",
-            "| method | stopping rule | Hessian-vector products | CPU time (s) | max rel. error |",
-            "|---|---|---|---|---|",
-            f"| flatminima Lanczos | residual <= 1e-3 * theta (guaranteed) | "
-            f"{med(rows, 'ours_matvecs'):.0f} | {med(rows, 'ours_s'):.3g} | "
-            f"{med(rows, 'ours_rel_err'):.1e} |",
-        ]
-        if "pyh_s" in rows[0]:
-            rule = ("relative change < 1e-3 (default), deflation for each further eigenvalue"
-                    if not one else "relative change < 1e-3 (default)")
-            lines.append(
-                f"| PyHessian power iteration | {rule} | "
-                f"{med(rows, 'pyh_matvecs'):.0f} | {med(rows, 'pyh_s'):.3g} | "
-                f"{med(rows, 'pyh_rel_err'):.1e} |")
-        if one:
-            lines.append(
-                f"| flatminima Lanczos | oracle: first step within 1e-3 | "
-                f"{med(rows, 'ours_oracle_matvecs'):.0f} | {med(rows, 'ours_oracle_s'):.3g} | "
-                "<= 1e-3 |")
-            if "pyh_oracle_s" in rows[0]:
-                lines.append(
-                    f"| PyHessian power iteration | oracle: first step within 1e-3 | "
-                    f"{med(rows, 'pyh_oracle_matvecs'):.0f} | {med(rows, 'pyh_oracle_s'):.3g} "
-                    "| <= 1e-3 |")
-        if "pyh_s" in rows[0]:
-            speed = [r["pyh_s"] / r["ours_s"] for r in rows]
-            lines += ["", f"Speed-up at each library's own stopping rule: median "
-                      f"{statistics.median(speed):.1f}x (per start vector: "
-                      f"{', '.join(f'{s:.1f}x' for s in speed)})."]
-            if one:
-                ok = [r for r in rows if r.get("pyh_oracle_s") and r.get("ours_oracle_s")]
-                if ok:
-                    sp = [r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok]
-                    lines.append(f"Speed-up at the oracle stop: median "
-                                 f"{statistics.median(sp):.1f}x.")
-            if one and e.get("floors"):
-                lines += ["", floor_sentence(e)]
-        lines.append("")
+        if key in res:
+            lines += eigen_report(res[key], title)
     lines += clusters_report(res.get("clusters"))
+    lines += cifar_report(res)
     t = res["trace"]
     lines += [
         f"## 3. Trace at equal budgets (MLP, {env['mlp_params']} parameters, one batch)",
@@ -903,6 +940,57 @@ def write_report(res: dict) -> str:
         lines += memory_report(res["memory"])
     lines += targets(res)
     return "\n".join(lines)
+
+
+def eigen_report(e: dict, title: str) -> list[str]:
+    """One top-eigenvalue section (table, speed-ups, floors)."""
+    lines: list[str] = []
+    rows = e["runs"]
+    one = len(e["reference"]) == 1
+    lines += [
+        f"## {title}: to 1e-3 relative error (median over {len(rows)} start vectors)",
+        "",
+        "Reference (Lanczos to residual 1e-9): "
+        + ", ".join(f"{v:.6g}" for v in e["reference"]),
+        "",
+        "| method | stopping rule | Hessian-vector products | CPU time (s) | max rel. error |",
+        "|---|---|---|---|---|",
+        f"| flatminima Lanczos | residual <= 1e-3 * theta (guaranteed) | "
+        f"{med(rows, 'ours_matvecs'):.0f} | {med(rows, 'ours_s'):.3g} | "
+        f"{med(rows, 'ours_rel_err'):.1e} |",
+    ]
+    if "pyh_s" in rows[0]:
+        rule = ("relative change < 1e-3 (default), deflation for each further eigenvalue"
+                if not one else "relative change < 1e-3 (default)")
+        lines.append(
+            f"| PyHessian power iteration | {rule} | "
+            f"{med(rows, 'pyh_matvecs'):.0f} | {med(rows, 'pyh_s'):.3g} | "
+            f"{med(rows, 'pyh_rel_err'):.1e} |")
+    if one and "ours_oracle_s" in rows[0]:
+        lines.append(
+            f"| flatminima Lanczos | oracle: first step within 1e-3 | "
+            f"{med(rows, 'ours_oracle_matvecs'):.0f} | {med(rows, 'ours_oracle_s'):.3g} | "
+            "<= 1e-3 |")
+        if "pyh_oracle_s" in rows[0]:
+            lines.append(
+                f"| PyHessian power iteration | oracle: first step within 1e-3 | "
+                f"{med(rows, 'pyh_oracle_matvecs'):.0f} | {med(rows, 'pyh_oracle_s'):.3g} "
+                "| <= 1e-3 |")
+    if "pyh_s" in rows[0]:
+        speed = [r["pyh_s"] / r["ours_s"] for r in rows]
+        lines += ["", f"Speed-up at each library's own stopping rule: median "
+                  f"{statistics.median(speed):.1f}x (per start vector: "
+                  f"{', '.join(f'{s:.1f}x' for s in speed)})."]
+        if one:
+            ok = [r for r in rows if r.get("pyh_oracle_s") and r.get("ours_oracle_s")]
+            if ok:
+                sp = [r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok]
+                lines.append(f"Speed-up at the oracle stop: median "
+                             f"{statistics.median(sp):.1f}x.")
+        if one and e.get("floors"):
+            lines += ["", floor_sentence(e)]
+    lines.append("")
+    return lines
 
 
 def small_activations_report(small: dict | None) -> list[str]:
@@ -1028,8 +1116,11 @@ def floor_sentence(e: dict) -> str:
 def targets(res: dict) -> list[str]:
     """The project's two targets, checked against the numbers above."""
     out = ["## Targets", ""]
-    for key, title in SCENARIOS:
-        rows = res.get(key, {}).get("runs", [])
+    cifar = res.get("cifar") or {}
+    sections = [(title, res.get(key)) for key, title in SCENARIOS]
+    sections += [(title, cifar.get(key)) for key, title in CIFAR_SCENARIOS]
+    for title, entry in sections:
+        rows = (entry or {}).get("runs", [])
         if not rows or "pyh_s" not in rows[0]:
             continue
         name = title.split(". ", 1)[1]
@@ -1041,7 +1132,7 @@ def targets(res: dict) -> list[str]:
                                      for r in ok)
             cpu = statistics.median(r["pyh_oracle_s"] / r["ours_oracle_s"] for r in ok)
             verdict = "met" if min(cpu, own) >= 3 else "not met"
-            bounds = floor_bounds(res[key])
+            bounds = floor_bounds(entry)
             if verdict == "not met" and bounds is not None:
                 best = min(bounds)
                 verdict += (f"; out of reach for any method (the floor allows {best:.1f}x)"
@@ -1096,7 +1187,7 @@ def main() -> int:
                     help="rewrite hessian.md from the stored hessian.json without measuring")
     ap.add_argument("--product-times", nargs=4, metavar=("STATE", "N_TRAIN", "N_BATCH", "ROUNDS"),
                     help=argparse.SUPPRESS)   # the child process of bench_allocators
-    ap.add_argument("--only", choices=["memory", "small_activations", "clusters"],
+    ap.add_argument("--only", choices=["memory", "small_activations", "clusters", "cifar"],
                     help="measure one section and merge it into the stored hessian.json")
     args = ap.parse_args()
     if args.product_times:
@@ -1143,6 +1234,15 @@ def main() -> int:
         (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
         (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
         print("\n".join(memory_report(res["memory"])))
+        return 0
+    if args.only == "cifar":
+        res = json.loads((RESULTS / "hessian.json").read_text())
+        res["cifar"] = run_cifar()
+        if res["cifar"] is not None:
+            res["cifar"]["date"] = env["date"]
+        (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
+        print("\n".join(cifar_report(res)))
         return 0
     if args.only == "clusters":
         res = json.loads((RESULTS / "hessian.json").read_text())
@@ -1203,6 +1303,10 @@ def main() -> int:
     print("bounded memory ...", flush=True)
     res["memory"] = bench_memory(model_cnn, batch, seeds[:2], [16, 10], 32 if args.quick else 64)
     res["seconds"] = time.perf_counter() - t_start
+    stored = RESULTS / "hessian.json"
+    if stored.is_file() and not args.quick:
+        # The CIFAR-scale section is measured on its own (--only cifar): keep it, dated.
+        res["cifar"] = json.loads(stored.read_text()).get("cifar")
     report = write_report(res)
     print(report)
     if not args.quick:
