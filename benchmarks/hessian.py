@@ -16,7 +16,7 @@ What it measures (results in ``benchmarks/results/hessian.md`` and ``.json``):
    its dataloader mode), all parameters and the last layer only; and the top 5 eigenvalues
    (PyHessian: power iteration with deflation, one eigenvalue after the other), also on an
    untrained CNN whose top eigenvalues crowd: how often a run returns a wrong fifth value; and
-   at CIFAR scale (``--only cifar``, not in the default run: about 10 minutes more), ResNet-18
+   at CIFAR scale (``--only cifar``, not in the default run: about 12 minutes), ResNet-18
    trained briefly on CPU on the CIFAR-10 JPEG copy, last layer over several batches and all
    parameters on one batch.
 3. Trace at equal budgets of products: flatminima's krylov (default), Hutch++ and Hutchinson and
