@@ -40,10 +40,11 @@ def test_train_from_yaml_with_overrides_saves_resolved_config(tmp_path, capsys):
 def test_measure_writes_numbers_and_plots(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "epochs=1", "tensorboard=false", f"out={run}", "-q"]) == 0
-    assert main(["measure", str(run), "--examples", "200", "--k", "2", "--trace-matvecs", "12",
-                 "--samples", "3", "--line", "7", "--plane", "5", "--basin", "3", "-q"]) == 0
+    assert main(["measure", str(run), "--examples", "200", "--k", "2", "--starts", "2",
+                 "--trace-matvecs", "12", "--samples", "3", "--line", "7", "--plane", "5",
+                 "--basin", "3", "-q"]) == 0
     res = json.loads((run / "measure" / "measures.json").read_text())
-    assert len(res["hessian_eigenvalues"]) == 2
+    assert len(res["hessian_eigenvalues"]) == 2 and res["hessian_starts"] == 2
     assert res["hessian_eigenvalues"][0] >= res["hessian_eigenvalues"][1]
     assert res["divergence"] >= 0 and res["hessian_trace"] > 0
     assert len(res["line"]["loss"]) == 7 and len(res["plane"]["loss"]) == 5

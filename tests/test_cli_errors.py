@@ -50,6 +50,7 @@ BAD_INPUTS = [
     (["measure", "{tmp}/garbage.pt"], "is corrupted or not a checkpoint"),
     (["measure", "{tmp}/plain.pt"], "is not a flatminima checkpoint"),
     (["measure", "{tmp}/garbage.pt", "--k", "0"], "--k=0: must be > 0"),
+    (["measure", "{tmp}/garbage.pt", "--starts", "0"], "--starts=0: must be > 0"),
     (["sweep", "--seeds", "abc"], "seeds='abc'"),
     (["sweep", "--grid", "lr"], "--grid 'lr': expected key=v1,v2"),
     (["sweep", "{tmp}/sweep.yaml"], "unknown key 'grids'"),

@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--examples", type=int, default=1000,
                    help="training examples to measure on (default 1000)")
     p.add_argument("--k", type=int, default=3, help="number of top Hessian eigenvalues")
+    p.add_argument("--starts", type=int, default=1,
+                   help="independent Lanczos start vectors for the eigenvalues (the largest "
+                        "value at each rank is kept; a start can skip one of a tight cluster)")
     p.add_argument("--trace-matvecs", type=int, default=60,
                    help="Hutch++ matvec budget (0 skips the trace)")
     p.add_argument("--rho", type=float, default=0.05, help="model divergence radius")
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from flatminima.experiment.report import atomic_dir
     from flatminima.experiment.train import loss_function
 
-    for name in ("examples", "k", "samples"):
+    for name in ("examples", "k", "starts", "samples"):
         _positive(name, getattr(args, name))
     for name in ("trace_matvecs", "line", "plane", "basin", "rho"):
         _positive(name.replace("_", "-"), getattr(args, name), allow_zero=True)
@@ -140,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
     for step in bar:
         bar.set_postfix_str(step)
         if step == "hessian":
-            eig = hessian.eigenvalues(model, loss_fn, batch, k=args.k, generator=gen())
+            eig = hessian.eigenvalues(model, loss_fn, batch, k=args.k, starts=args.starts,
+                                      generator=gen())
             res["hessian_eigenvalues"] = [float(v) for v in eig]
+            res["hessian_starts"] = args.starts
         elif step == "trace" and args.trace_matvecs > 0:
             tr = hessian.trace(model, loss_fn, batch, num_matvecs=args.trace_matvecs,
                                generator=gen())
