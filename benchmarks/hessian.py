@@ -677,11 +677,13 @@ def run_cifar(quick: bool = False) -> dict | None:
     batches = [(x[i:i + size], y[i:i + size]) for i in range(0, 4 * size, size)]
     small = (x[:32], y[:32])
     seeds = [0] if quick else [0, 1]
+    last = set(last_layer_names(model))
     out: dict = {"env": {"data": data.label, "train_images": n_train, "epochs": 1 if quick else 2,
                          "train_seconds": train_s, "train_accuracy": acc,
+                         "train_threads": os.cpu_count() or 1,
                          "params": sum(p.numel() for p in model.parameters()),
                          "last_params": sum(p.numel() for n, p in model.named_parameters()
-                                            if n in last_layer_names(model)),
+                                            if n in last),
                          "batches": len(batches), "batch": size, "one_batch": len(small[0])}}
     print(f"  ResNet-18 trained in {train_s:.0f} s, train accuracy {acc:.2f}", flush=True)
     out["cifar_last"] = bench_eigen(model, batches, seeds, 1, pyh_iter=0, params="last_layer",
@@ -700,8 +702,9 @@ def cifar_report(res: dict) -> list[str]:
         f"## 2h-2i. CIFAR scale (measured {c.get('date', 'with the rest')})",
         "",
         f"ResNet-18 ({env['params']} parameters, last layer {env['last_params']}) trained for "
-        f"{env['epochs']} epochs on the first {env['train_images']} training images of "
-        f"{env['data']} with SGD on {os.cpu_count()} CPU threads ({env['train_seconds']:.0f} s; "
+        f"{env['epochs']} epochs on {env['train_images']} training images of {env['data']} "
+        f"(a seeded random subset) with SGD on {env.get('train_threads', 2)} CPU threads "
+        f"({env['train_seconds']:.0f} s; "
         f"train accuracy {env['train_accuracy']:.2f}: briefly trained, as the MNIST models "
         f"above), then measured on 1 thread. Last layer: {env['batches']} batches of "
         f"{env['batch']} images; all parameters: one batch of {env['one_batch']} images. No "
@@ -1179,6 +1182,20 @@ def targets(res: dict) -> list[str]:
     return out
 
 
+def merge_section(key: str, measure, report, date: str) -> int:
+    """Measure one section on its own and merge it, dated, into the stored results (--only)."""
+    res = json.loads((RESULTS / "hessian.json").read_text())
+    print(f"{key} ...", flush=True)
+    t0 = time.perf_counter()
+    res[key] = measure()
+    if res[key] is not None:
+        res[key]["date"], res[key]["seconds"] = date, time.perf_counter() - t0
+    (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
+    print("\n".join(report(res)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer seeds and budgets (smoke run)")
@@ -1225,41 +1242,17 @@ def main() -> int:
         "cnn_last_params": sum(p.numel() for p in model_cnn[-1].parameters()),
         "mlp_params": sum(p.numel() for p in model_mlp.parameters()),
     }
-    if args.only == "memory":
-        res = json.loads((RESULTS / "hessian.json").read_text())
-        print("bounded memory ...", flush=True)
-        t0 = time.perf_counter()
-        res["memory"] = bench_memory(model_cnn, batch, [0, 1], [16, 10], 64)
-        res["memory"]["date"], res["memory"]["seconds"] = env["date"], time.perf_counter() - t0
-        (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-        (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
-        print("\n".join(memory_report(res["memory"])))
-        return 0
-    if args.only == "cifar":
-        res = json.loads((RESULTS / "hessian.json").read_text())
-        res["cifar"] = run_cifar()
-        if res["cifar"] is not None:
-            res["cifar"]["date"] = env["date"]
-        (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-        (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
-        print("\n".join(cifar_report(res)))
-        return 0
-    if args.only == "clusters":
-        res = json.loads((RESULTS / "hessian.json").read_text())
-        res["clusters"] = run_clusters(batch)
-        res["clusters"]["date"] = env["date"]
-        (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-        (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
-        print("\n".join(clusters_report(res["clusters"])))
-        return 0
-    if args.only == "small_activations":
-        res = json.loads((RESULTS / "hessian.json").read_text())
-        res["small_activations"] = bench_small_activations(model_mlp, batch, 200)
-        res["small_activations"]["date"] = env["date"]
-        (RESULTS / "hessian.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-        (RESULTS / "hessian.md").write_text(write_report(res) + "\n")
-        print("\n".join(small_activations_report(res["small_activations"])))
-        return 0
+    if args.only:
+        sections = {
+            "memory": (lambda: bench_memory(model_cnn, batch, [0, 1], [16, 10], 64),
+                       lambda r: memory_report(r["memory"])),
+            "small_activations": (lambda: bench_small_activations(model_mlp, batch, 200),
+                                  lambda r: small_activations_report(r["small_activations"])),
+            "clusters": (lambda: run_clusters(batch), lambda r: clusters_report(r["clusters"])),
+            "cifar": (run_cifar, cifar_report),
+        }
+        measure, report = sections[args.only]
+        return merge_section(args.only, measure, report, env["date"])
     res: dict = {"env": env}
     print("hvp strategies ...", flush=True)
     res["hvp"] = bench_hvp(model_cnn, *batch, repeats=3 if args.quick else 7)

@@ -122,19 +122,16 @@ def merge_runs(runs: list[Tensor], k: int, which: str) -> Tensor:
         tops = torch.stack([torch.sort(r.double(), descending=True).values[:k] for r in runs])
         return tops.max(0).values
     positive = _merge_end([torch.sort(r[r > 0].double(), descending=True).values for r in runs],
-                          torch.maximum)
-    negative = _merge_end([torch.sort(r[r <= 0].double()).values for r in runs], torch.minimum)
+                          max)
+    negative = _merge_end([torch.sort(r[r <= 0].double()).values for r in runs], min)
     both = torch.cat([positive, negative])
     wanted = both[torch.argsort(both.abs(), descending=True)[:k]]
     return torch.sort(wanted, descending=True).values
 
 
-def _merge_end(ends: list[Tensor], better) -> Tensor:
-    """Position-wise best of sorted lists of different lengths (the longest sets the length)."""
-    out = torch.zeros(max(e.numel() for e in ends), dtype=torch.float64)
-    filled = torch.zeros(out.numel(), dtype=torch.bool)
-    for e in ends:
-        head = out[: e.numel()]
-        out[: e.numel()] = torch.where(filled[: e.numel()], better(head, e), e)
-        filled[: e.numel()] = True
-    return out
+def _merge_end(ends: list[Tensor], best) -> Tensor:
+    """Position by position, ``best`` (``max`` or ``min``) of the runs that reach that position
+    (sorted lists of different lengths: the longest sets the length)."""
+    length = max(e.numel() for e in ends)
+    return torch.tensor([best(float(e[i]) for e in ends if e.numel() > i) for i in range(length)],
+                        dtype=torch.float64)
