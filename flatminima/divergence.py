@@ -14,7 +14,8 @@ and argue that a flat minimum has a low divergence to every model in its neighbo
 with ``u_s`` drawn by the same samplers the training methods use (:mod:`flatminima.noise`;
 default as :class:`flatminima.NRS`: uniform in a per-filter ball of radius ``rho * ||w_filter||``),
 so the number measures exactly the neighbourhood NRS regularizes. The perturbed models are
-evaluated many at a time (``torch.func.vmap`` over stacked weights).
+evaluated as landscape points are (:class:`flatminima.landscape.PointEvaluator`): many per
+``torch.func.vmap``-ed pass where that is faster, a chunk of them held at a time.
 """
 
 from __future__ import annotations
@@ -22,18 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from flatminima import noise as noise_lib
-from flatminima._params import (
-    FlatParams,
-    ParamSpec,
-    as_batches,
-    batch_weights,
-    measuring_mode,
-    model_device,
-    select_params,
-)
+from flatminima._params import ParamSpec, as_batches, measuring_mode, model_device, select_params
+from flatminima.landscape import PointEvaluator
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -78,9 +71,10 @@ def model_divergence(
     or a method's ``noise=``); without it ``fm.noise.Sampler(rho, distribution, scale,
     relative)`` is used, the NRS/RPR default. ``data`` is one ``(x, y)`` batch or an iterable of
     batches (targets are ignored; the mean over batches is size-weighted). ``params`` restricts
-    the perturbed parameters. ``chunk_size`` perturbed models share one vmapped pass (default:
-    all samples up to 32). Eval mode unless ``train=True`` (then one sample at a time, buffers
-    restored). Samples are drawn in order from ``generator``.
+    the perturbed parameters. ``chunk_size`` perturbed models share one vmapped pass; by default
+    the faster of vmapped passes and one pass per sample, timed on the first samples (see
+    :func:`flatminima.landscape.evaluate`). Eval mode unless ``train=True`` (then one sample at
+    a time, buffers restored). Samples are drawn in order from ``generator``.
 
     Example::
 
@@ -97,33 +91,27 @@ def model_divergence(
     elif not callable(noise):
         raise ValueError(f"noise must be callable, got {noise!r}")
     batches = as_batches(data, model_device(model))
-    weights = batch_weights(batches)
     selected = {n: p.detach() for n, p in select_params(model, params).items()}
-    flat = FlatParams.of(selected)
-    w0 = flat.flatten(selected)
-    us = []
-    for _ in range(num_samples):
-        u = noise(dict(selected), generator)
-        noise_lib.check_noise_output(u, selected, noise)
-        us.append(flat.flatten({n: t.to(w0) for n, t in u.items()}))
-    points = w0 + torch.stack(us)                                  # (S, n)
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    fixed = {n: t.detach() for n, t in state.items() if n not in selected}
-    chunk = 1 if train else (chunk_size or min(num_samples, 32))
-
-    def outputs(wf: Tensor, x: Tensor) -> Tensor:
-        return functional_call(model, {**fixed, **flat.unflatten(wf)}, (x,))
-
-    total = torch.zeros((), dtype=torch.float64)
     with measuring_mode(model, train), torch.no_grad():
-        for c, (x, _y) in zip(weights, batches, strict=True):
-            clean = outputs(w0, x)
-            for start in range(0, num_samples, chunk):
-                block = points[start : start + chunk]
-                if block.shape[0] == 1:
-                    kls = _kl_rows(clean, outputs(block[0], x)).reshape(1)
-                else:
-                    kls = vmap(lambda wf, x=x, clean=clean: _kl_rows(clean, outputs(wf, x)))(
-                        block)
-                total += c * kls.sum().cpu()
-    return float(total) / num_samples
+        clean = [(x, model(x)) for x, _y in batches]
+    # The "loss" of a perturbed model on a batch is its divergence from the clean outputs,
+    # which stand in for the targets; the evaluator weights batches by size.
+    ev = PointEvaluator(model, lambda out, logits: _kl_rows(logits, out), clean, list(selected),
+                        chunk_size=chunk_size, train=train)
+    drawn = 0
+
+    def perturbed(start: int, stop: int) -> Tensor:
+        """Weight sets ``w + u_s`` for samples ``start..stop-1``, drawn in order on demand, so
+        that only one chunk of them is ever held."""
+        nonlocal drawn
+        assert start == drawn, "samples are drawn in order"
+        us = []
+        for _ in range(start, stop):
+            u = noise(dict(selected), generator)
+            noise_lib.check_noise_output(u, selected, noise)
+            us.append(ev.flat.flatten({n: t.to(ev.w0) for n, t in u.items()}))
+        drawn = stop
+        return ev.w0 + torch.stack(us)
+
+    kls, _ = ev.run(perturbed, num_samples)
+    return float(kls.mean())

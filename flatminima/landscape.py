@@ -14,11 +14,13 @@ Huang et al. ("Understanding Generalization through Visualizations", 2020) use t
 
 All functions return arrays (tensors), no plotting. Many weight sets are evaluated per forward
 pass with ``torch.func.vmap`` over stacked parameters (``chunk_size`` of them at a time), not one
-Python iteration per grid point.
+Python iteration per grid point, where that is faster: by default each evaluator times both ways
+on its first points (:meth:`PointEvaluator._decide`).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -179,11 +181,11 @@ class PointEvaluator:
         self.w0 = self.flat.flatten(base)
         self.fixed = {n: t.detach() for n, t in state.items() if n not in base}
         self.train = train
-        if chunk_size is None:
-            per_point = max(1, self.w0.numel() * self.w0.element_size())
-            chunk_size = int(max(1, min(64, (256 * 2**20) // per_point)))
+        per_point = max(1, self.w0.numel() * self.w0.element_size())
+        self.max_chunk = int(max(1, min(64, (256 * 2**20) // per_point)))
         # BatchNorm cannot update running statistics under vmap: train mode goes point by point.
-        self.chunk_size = 1 if train else chunk_size
+        # None: decided by timing both ways on the first points evaluated (see _decide).
+        self.chunk_size: int | None = 1 if train else chunk_size
 
     def _run_chunk(self, points: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         def one(wf: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,24 +203,77 @@ class PointEvaluator:
         total_loss = torch.zeros(num_points, dtype=torch.float64)
         total_acc = torch.zeros(num_points, dtype=torch.float64)
         with measuring_mode(self.model, self.train), torch.no_grad():
-            for start in range(0, num_points, self.chunk_size):
-                stop = min(num_points, start + self.chunk_size)
+            # Weight sets are built max_chunk at a time (bounded memory) and evaluated per batch
+            # in pieces of chunk_size: max_chunk (vmapped) or 1.
+            step = 1 if self.chunk_size == 1 else max(self.max_chunk, self.chunk_size or 1)
+            for start in range(0, num_points, step):
+                stop = min(num_points, start + step)
                 chunk = points(start, stop).to(device=self.w0.device, dtype=self.w0.dtype)
                 for weight, (x, y) in zip(self.weights, self.batches, strict=True):
-                    try:
-                        loss, acc = self._run_chunk(chunk, x, y)
-                    except RuntimeError as err:  # a module vmap cannot batch: point by point
-                        if chunk.shape[0] == 1:
-                            raise
-                        warnings.warn(f"vmap failed ({err}); evaluating one point at a time",
-                                      RuntimeWarning, stacklevel=2)
-                        pairs = [self._run_chunk(chunk[i : i + 1], x, y)
-                                 for i in range(chunk.shape[0])]
-                        loss = torch.cat([p[0] for p in pairs])
-                        acc = torch.cat([p[1] for p in pairs])
-                    total_loss[start:stop] += weight * loss.double().cpu()
-                    total_acc[start:stop] += weight * acc.double().cpu()
+                    if self.chunk_size is None:
+                        loss, acc = self._decide(chunk, x, y)
+                    else:
+                        loss, acc = self._evaluate(chunk, x, y)
+                    total_loss[start:stop] += weight * loss
+                    total_acc[start:stop] += weight * acc
         return total_loss, total_acc
+
+    def _evaluate(self, chunk: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and accuracy (float64, CPU) of each weight set in ``chunk`` on one batch, in
+        vmapped pieces of ``chunk_size`` (point by point where vmap cannot batch a module)."""
+        size = self.chunk_size or 1
+        losses = [torch.zeros(0, dtype=torch.float64)]
+        accs = [torch.zeros(0, dtype=torch.float64)]
+        for i in range(0, chunk.shape[0], size):
+            piece = chunk[i : i + size]
+            try:
+                loss, acc = self._run_chunk(piece, x, y)
+            except RuntimeError as err:  # a module vmap cannot batch: point by point
+                if piece.shape[0] == 1:
+                    raise
+                warnings.warn(f"vmap failed ({err}); evaluating one point at a time",
+                              RuntimeWarning, stacklevel=3)
+                self.chunk_size = 1
+                loss, acc = self._evaluate(piece, x, y)
+            losses.append(loss.double().cpu())
+            accs.append(acc.double().cpu())
+        return torch.cat(losses), torch.cat(accs)
+
+    def _decide(self, chunk: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Evaluate the first chunk on the first batch while choosing ``chunk_size``: a few
+        weight sets one pass each, as many again in one vmapped pass, both timed; the faster
+        way (``max_chunk`` or 1) does the rest. Every timed evaluation is used, so the choice
+        costs 4 points evaluated the slower way, plus an untimed vmapped warm-up on 2 points
+        and 2 inputs (the first vmapped call in a process costs about 0.3 s on a CPU, which
+        alone would make vmap lose on an MLP).
+
+        Neither way is faster everywhere. On a CPU a small BatchNorm CNN evaluates 3.4x to 4.3x
+        *slower* vmapped (vmap turns each convolution into a grouped one over permuted,
+        non-contiguous activations, and max-pooling and BatchNorm copy them back), while an MLP
+        is 4.5x faster (one batched matrix product per layer instead of many small ones):
+        ``benchmarks/landscape.py``.
+        """
+        probe = min(4, chunk.shape[0] // 2)
+        if self.max_chunk == 1:
+            self.chunk_size = 1
+        if self.max_chunk == 1 or probe == 0:   # one point (a basin's center): decide later
+            return self._evaluate(chunk, x, y)
+        self.chunk_size = 1
+        try:  # untimed: the first vmapped call in a process pays one-time costs (0.3 s on a CPU)
+            self._run_chunk(chunk[:2], x[:2], y[:2])
+        except RuntimeError:  # a module vmap cannot batch
+            return self._evaluate(chunk, x, y)
+        t0 = time.perf_counter()
+        one_by_one = self._evaluate(chunk[:probe], x, y)   # results on the CPU: synchronized
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss, acc = self._run_chunk(chunk[probe : 2 * probe], x, y)
+        vmapped = (loss.double().cpu(), acc.double().cpu())
+        t_vmap = time.perf_counter() - t0
+        self.chunk_size = self.max_chunk if t_vmap < t_one else 1
+        rest = self._evaluate(chunk[2 * probe :], x, y)
+        return (torch.cat([one_by_one[0], vmapped[0], rest[0]]),
+                torch.cat([one_by_one[1], vmapped[1], rest[1]]))
 
 
 def evaluate(
@@ -236,9 +291,12 @@ def evaluate(
     ``directions`` are dicts over the same parameter (or float buffer) names; ``coords`` is
     ``(P, len(directions))``. Returns ``(loss, accuracy)``, each ``(P,)`` float64, the loss being
     the size-weighted mean of ``loss_fn`` over the batches of ``data``. Weight sets are stacked
-    ``chunk_size`` at a time and run through one vmapped forward pass (default: as many as fit
-    in about 256 MB of stacked parameters, at most 64); ``train=True`` evaluates in train mode
-    one point at a time (BatchNorm statistics cannot be updated under vmap) and restores buffers.
+    ``chunk_size`` at a time and run through one vmapped forward pass; ``chunk_size=1`` runs
+    one pass per point. The default times both on the first few points and keeps the faster:
+    vmapped passes of as many weight sets as fit in about 256 MB (at most 64), or one pass per
+    point (vmap is much slower for convolutional networks on a CPU; ``benchmarks/landscape.py``).
+    ``train=True`` evaluates in train mode one point at a time (BatchNorm statistics cannot be
+    updated under vmap) and restores buffers.
     """
     if len(directions) == 0:
         raise ValueError("need at least one direction")

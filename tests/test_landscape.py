@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -147,3 +148,56 @@ def test_many_weight_sets_share_one_forward_call():
     finally:
         handle.remove()
     assert len(calls) == 3  # 30 grid points, 10 weight sets per vmapped forward
+
+
+@pytest.mark.parametrize("slow", ["vmap", "single"])
+def test_default_times_both_ways_and_keeps_the_faster(monkeypatch, slow):
+    """The default evaluates a few points each way on the first batch, keeps the faster way
+    for the rest, and every point's value is that of one pass per point."""
+    model, batch = small_net(7), data()
+    batches = [(batch[0][:12], batch[1][:12]), (batch[0][12:], batch[1][12:])]
+    d1 = fl.random_direction(model, generator=gen(1))
+    d2 = fl.random_direction(model, generator=gen(2))
+    grid = torch.linspace(-1, 1, 5)
+    ref = fl.plane(model, None, batches, d1, d2, grid, grid, chunk_size=1)
+
+    run_chunk = fl.PointEvaluator._run_chunk
+    sizes: list[int] = []
+
+    def timed_run_chunk(self, points, x, y):
+        sizes.append(points.shape[0])
+        if (points.shape[0] > 1) == (slow == "vmap"):
+            time.sleep(0.02)      # one slow call outweighs four fast ones
+        return run_chunk(self, points, x, y)
+
+    monkeypatch.setattr(fl.PointEvaluator, "_run_chunk", timed_run_chunk)
+    chosen = []
+    decide = fl.PointEvaluator._decide
+
+    def recording_decide(self, chunk, x, y):
+        out = decide(self, chunk, x, y)
+        chosen.append(self.chunk_size)
+        return out
+
+    monkeypatch.setattr(fl.PointEvaluator, "_decide", recording_decide)
+    got = fl.plane(model, None, batches, d1, d2, grid, grid)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.accuracy, ref.accuracy)
+    assert len(chosen) == 1   # decided once, on the first batch
+    # first batch: an untimed warm-up on 2 points, 4 single points, 4 vmapped, then the
+    # remaining 17 the chosen way
+    assert sizes[:6] == [2, 1, 1, 1, 1, 4]
+    if slow == "vmap":
+        assert chosen == [1] and sizes[6:] == [1] * (17 + 25)
+    else:
+        assert chosen[0] > 1 and sizes[6:] == [17, 25]
+
+
+def test_one_point_leaves_the_choice_open():
+    """A basin radius first evaluates the center alone: that decides nothing."""
+    model, batch = small_net(8), data()
+    ev = fl.PointEvaluator(model, None, batch, [n for n, _ in model.named_parameters()])
+    ev.run(lambda a, b: ev.w0[None], 1)
+    assert ev.chunk_size is None
+    ev.run(lambda a, b: ev.w0[None].repeat(b - a, 1), 10)
+    assert ev.chunk_size in (1, ev.max_chunk)
