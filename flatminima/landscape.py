@@ -247,11 +247,11 @@ class PointEvaluator:
         and 2 inputs (the first vmapped call in a process costs about 0.3 s on a CPU, which
         alone would make vmap lose on an MLP).
 
-        Neither way is faster everywhere. On a CPU a small BatchNorm CNN evaluates 3.4x to 4.3x
-        *slower* vmapped (vmap turns each convolution into a grouped one over permuted,
-        non-contiguous activations, and max-pooling and BatchNorm copy them back), while an MLP
-        is 4.5x faster (one batched matrix product per layer instead of many small ones):
-        ``benchmarks/landscape.py``.
+        Neither way is faster everywhere. On a CPU a small BatchNorm CNN evaluates 4.1x to 6.3x
+        *slower* vmapped and ResNet-18 1.5x (vmap turns each convolution into a grouped one over
+        permuted, non-contiguous activations, and max-pooling and BatchNorm copy them back),
+        while an MLP is 4.5x to 6x faster (one batched matrix product per layer instead of many
+        small ones): ``benchmarks/results/landscape.md``.
         """
         probe = min(4, chunk.shape[0] // 2)
         if self.max_chunk == 1:
