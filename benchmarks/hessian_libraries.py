@@ -1,4 +1,4 @@
-"""Top Hessian eigenvalue side by side with curvlinops and hessian-eigenthings.
+"""Top Hessian eigenvalue and trace side by side with curvlinops and hessian-eigenthings.
 
 ``benchmarks/hessian.py`` compares flatminima with PyHessian in detail; this file adds the two
 other libraries people use for the same number, on the same briefly trained MNIST CNN, data and
@@ -18,7 +18,7 @@ The reference is flatminima's Lanczos to residual 1e-9. Neither library is a dep
 
     /tmp/venv-pyhessian/bin/pip install curvlinops-for-pytorch hessian-eigenthings \\
         torch==2.13.0      # curvlinops pulls a newer torch: put the benchmarked one back
-    /tmp/venv-pyhessian/bin/python benchmarks/hessian_libraries.py     # about 4 minutes
+    /tmp/venv-pyhessian/bin/python benchmarks/hessian_libraries.py     # about 20 minutes
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -180,7 +181,7 @@ LABELS = {
 def report(res: dict) -> str:
     env = res["env"]
     lines = [
-        "# Top Hessian eigenvalue: flatminima, curvlinops and hessian-eigenthings",
+        "# Top Hessian eigenvalue and trace: flatminima, curvlinops and hessian-eigenthings",
         "",
         f"Machine: {env['machine']}, {env['cpus']} CPUs visible (shared with other jobs), torch "
         f"{env['torch']} (1 thread), curvlinops {env['curvlinops']}, hessian-eigenthings "
@@ -268,7 +269,7 @@ def main() -> int:
     seeds = [0] if args.quick else [0, 1, 2]
     res: dict = {"env": {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "torch": torch.__version__,
         "curvlinops": version("curvlinops-for-pytorch"),
         "eigenthings": version("hessian-eigenthings"), "scipy": version("scipy"),
         "python": platform.python_version(), "data": data_name, "seeds": seeds,

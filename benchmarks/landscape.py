@@ -16,7 +16,7 @@ one process (alternating rounds, CPU time of the process), on the same model, da
 
 and checks that all four give the same losses.
 
-    python benchmarks/landscape.py [--quick]      # about 6 minutes on 2 CPU cores
+    python benchmarks/landscape.py [--quick]      # about 10 minutes on 2 CPU cores
 
 Data: MNIST from ``../shared/data/mnist`` when present (else a synthetic image set of the same
 shape; the results say which); the ResNet-18 rows time random CIFAR-shaped inputs (timing does
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -238,7 +239,7 @@ def main() -> int:
     ]
     res: dict = {"env": {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "python": platform.python_version(),
         "data": data_name, "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -221,22 +221,23 @@ class PointEvaluator:
     def _evaluate(self, chunk: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Loss and accuracy (float64, CPU) of each weight set in ``chunk`` on one batch, in
         vmapped pieces of ``chunk_size`` (point by point where vmap cannot batch a module)."""
-        size = self.chunk_size or 1
         losses = [torch.zeros(0, dtype=torch.float64)]
         accs = [torch.zeros(0, dtype=torch.float64)]
-        for i in range(0, chunk.shape[0], size):
-            piece = chunk[i : i + size]
+        i = 0
+        while i < chunk.shape[0]:
+            piece = chunk[i : i + (self.chunk_size or 1)]
             try:
                 loss, acc = self._run_chunk(piece, x, y)
-            except RuntimeError as err:  # a module vmap cannot batch: point by point
+            except RuntimeError as err:  # a module vmap cannot batch: point by point from now
                 if piece.shape[0] == 1:
                     raise
                 warnings.warn(f"vmap failed ({err}); evaluating one point at a time",
                               RuntimeWarning, stacklevel=3)
                 self.chunk_size = 1
-                loss, acc = self._evaluate(piece, x, y)
+                continue
             losses.append(loss.double().cpu())
             accs.append(acc.double().cpu())
+            i += piece.shape[0]
         return torch.cat(losses), torch.cat(accs)
 
     def _decide(self, chunk: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,11 +255,11 @@ class PointEvaluator:
         small ones): ``benchmarks/results/landscape.md``.
         """
         probe = min(4, chunk.shape[0] // 2)
-        if self.max_chunk == 1:
-            self.chunk_size = 1
-        if self.max_chunk == 1 or probe == 0:   # one point (a basin's center): decide later
+        if probe == 0:   # one point (a basin's center): decide later
             return self._evaluate(chunk, x, y)
         self.chunk_size = 1
+        if self.max_chunk == 1:   # one weight set fills the memory meant for a chunk
+            return self._evaluate(chunk, x, y)
         try:  # untimed: the first vmapped call in a process pays one-time costs (0.3 s on a CPU)
             self._run_chunk(chunk[:2], x[:2], y[:2])
         except RuntimeError:  # a module vmap cannot batch

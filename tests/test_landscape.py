@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import pytest
 import torch
@@ -201,3 +202,29 @@ def test_one_point_leaves_the_choice_open():
     assert ev.chunk_size is None
     ev.run(lambda a, b: ev.w0[None].repeat(b - a, 1), 10)
     assert ev.chunk_size in (1, ev.max_chunk)
+
+
+class ItemScale(nn.Module):
+    """Scales by a Python float read from its input: vmap cannot batch ``.item()``."""
+
+    def forward(self, x):
+        return x * (1.0 + 0.0 * x.flatten()[0].item())
+
+
+def test_module_vmap_cannot_batch_goes_point_by_point():
+    model = nn.Sequential(nn.Linear(4, 3), ItemScale()).double().eval()
+    g = gen(3)
+    x, y = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,),
+                                                                              generator=g)
+    d = fl.random_direction(model, generator=gen(4))
+    alphas = torch.linspace(-1, 1, 9)
+    ref = fl.line(model, None, (x, y), d, alphas, chunk_size=1)
+    with pytest.warns(RuntimeWarning, match="vmap failed") as record:
+        forced = fl.line(model, None, [(x[:5], y[:5]), (x[5:], y[5:])], d, alphas,
+                         chunk_size=4)
+    assert len([w for w in record if "vmap failed" in str(w.message)]) == 1  # warned once
+    torch.testing.assert_close(forced.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # the default's choice is silent
+        default = fl.line(model, None, (x, y), d, alphas)
+    torch.testing.assert_close(default.loss, ref.loss, rtol=1e-12, atol=1e-12)
