@@ -10,6 +10,8 @@ from flatminima.hessian._lanczos import rademacher
 from flatminima.hessian._operator import CurvatureOperator, LossFn, vectors_that_fit
 from flatminima.hessian._restart import top_eigenvalues
 
+STARTS = ("auto", "random", "gradient")
+
 
 def default_max_basis(n: int, like: Tensor, k: int) -> int:
     """Lanczos vectors of ``n`` entries that fit, with the copy made at a restart (1.5x), a
@@ -33,6 +35,7 @@ def eigenvalues(
     train: bool = False,
     max_basis: int | None = None,
     starts: int = 1,
+    start: str = "auto",
 ) -> Tensor:
     """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, largest first.
 
@@ -77,6 +80,21 @@ def eigenvalues(
     ``s`` independent start vectors and returns, position by position, the largest value found
     (for ``which="magnitude"``, the largest positive and the most negative ones), which is still a
     lower bound of the same eigenvalue and misses only where every run missed.
+
+    ``start`` picks the first run's start vector (see :func:`start_vector`): ``"random"``, a
+    Rademacher vector; ``"gradient"``, that vector plus the loss gradient at half its length
+    (the gradient of a trained network lies mostly in the top eigenspace, Gur-Ari et al. 2018);
+    ``"auto"`` (default), ``"gradient"`` for the single largest eigenvalue (``k=1``,
+    ``which="largest"``) and ``"random"`` otherwise. Measured (``benchmarks/hessian.py``, tol
+    1e-3): for ``k=1`` the gradient start took a trained CNN from 5-6 products to 4 (one batch
+    and four; 8 of 8 start vectors) and its last layer from 9 to 8, left an MLP at 8 and a
+    ResNet-18 at 6; all within 5e-5 of the eigenvalue, as were 8 of 8 runs on an untrained CNN
+    whose top eigenvalues are 5% apart. For ``k=5`` it saved at most a product, and one of
+    eight runs on the trained CNN skipped an eigenvalue that no random start skipped (the
+    gradient favours some of the top eigenvectors, which then converge before an unfavoured
+    one has appeared), hence random starts there. The random part keeps the guarantees of a
+    random start: the stopping rule, and every value a lower bound of the eigenvalue of its
+    rank. Further runs (``starts > 1``) always start from Rademacher vectors.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -86,6 +104,8 @@ def eigenvalues(
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not isinstance(starts, int) or isinstance(starts, bool) or starts < 1:
         raise ValueError(f"starts must be a positive integer, got {starts!r}")
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; choose one of {STARTS}")
     if max_basis is not None and (not isinstance(max_basis, int) or isinstance(max_basis, bool)):
         raise ValueError(f"max_basis must be a positive integer, got {max_basis!r}")
     with measuring_mode(model, train):
@@ -100,13 +120,41 @@ def eigenvalues(
         elif max_basis < min(k + 2, op.size, max_iter):
             raise ValueError(f"max_basis={max_basis} must be at least k + 2 = {k + 2}")
         runs = []
-        for _ in range(starts):
-            start = rademacher(op.size, generator, op.w0)
-            values, _ = top_eigenvalues(op.matvec, start, k, tol=tol, max_iter=max_iter,
-                                        which=which, generator=generator, max_basis=max_basis)
+        for run in range(starts):
+            kind = resolve_start(start, k, which) if run == 0 else "random"
+            values, _ = top_eigenvalues(op.matvec, start_vector(op, kind, generator), k, tol=tol,
+                                        max_iter=max_iter, which=which, generator=generator,
+                                        max_basis=max_basis)
             runs.append(values)
     values = merge_runs(runs, k, which)
     return values.to(op.w0.dtype).cpu()
+
+
+def resolve_start(start: str, k: int, which: str) -> str:
+    """``"auto"`` resolved: the gradient start for the single largest eigenvalue only."""
+    if start != "auto":
+        return start
+    return "gradient" if k == 1 and which == "largest" else "random"
+
+
+def start_vector(op: CurvatureOperator, kind: str, generator: torch.Generator | None) -> Tensor:
+    """A Lanczos start vector: Rademacher ``r`` from ``generator`` (``kind="random"``) or
+    ``r + (|r| / 2) g / |g|`` with ``g`` the loss gradient (``kind="gradient"``).
+
+    The random part keeps every eigenvector in the start (with probability one), so the
+    stopping rule's guarantee and Cauchy interlacing hold as for a random start; the gradient
+    part weights the top eigenspace, where a trained network's gradient mostly lies. The
+    gradient is free once double-backward products keep the gradient graphs (they are built
+    here instead of at the first product). A zero gradient leaves ``r``.
+    """
+    r = rademacher(op.size, generator, op.w0)
+    if kind == "random":
+        return r
+    g = op.gradient().to(r.dtype)
+    norm = g.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        return r
+    return r + (0.5 * r.norm() / norm) * g
 
 
 def merge_runs(runs: list[Tensor], k: int, which: str) -> Tensor:

@@ -254,26 +254,56 @@ class CurvatureOperator:
         w = self.w0.detach().clone().requires_grad_(True)
         hooks = (contextlib.nullcontext() if counter is None else
                  torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack))
-        with hooks:
+        # Grad mode on even inside a caller's torch.no_grad() (an evaluation loop): the graph is
+        # what the products differentiate.
+        with hooks, torch.enable_grad():
             loss = self.weights[i] * self.batch_loss(w, i)
             (g,) = torch.autograd.grad(loss, w, create_graph=True)
         return w, g
 
+    def _graph(self, i: int) -> tuple[Tensor, Tensor]:
+        """Batch ``i``'s gradient graph ``(w, g)``, ``g`` weighted by the batch's share: the
+        kept one, or built now (and kept if the policy says so)."""
+        graph = self._graphs[i]
+        if graph is None:
+            decide = self.cache_graph is None and len(self.batches) > 1
+            counter = _SavedBytes() if decide else None
+            graph = self._grad_graph(i, counter)
+            if counter is not None:
+                # Keep every batch's graph only if all of them fit the budget.
+                self.cache_graph = counter.nbytes * len(self.batches) <= self.memory
+            if self.cache_graph is not False:
+                self._graphs[i] = graph
+        return graph
+
     def _double_backward(self, vs: Tensor) -> Tensor:
         out = torch.zeros_like(vs)
         for i in range(len(self.batches)):
-            graph = self._graphs[i]
-            if graph is None:
-                decide = self.cache_graph is None and len(self.batches) > 1
-                counter = _SavedBytes() if decide else None
-                graph = self._grad_graph(i, counter)
-                if counter is not None:
-                    # Keep every batch's graph only if all of them fit the budget.
-                    self.cache_graph = counter.nbytes * len(self.batches) <= self.memory
-                if self.cache_graph is not False:
-                    self._graphs[i] = graph
-            out += self._backward_through(*graph, vs)
+            out += self._backward_through(*self._graph(i), vs)
         return out
+
+    def gradient(self) -> Tensor:
+        """The gradient of the size-weighted mean loss at ``w0`` (flat, detached).
+
+        Where double-backward products keep the gradient graphs, the gradient is read off them
+        (building them now, which the first product would otherwise do): it costs nothing
+        extra. Elsewhere it is one forward and backward pass per batch. It does not count as a
+        product.
+        """
+        total = torch.zeros_like(self.w0)
+        for i, c in enumerate(self.weights):
+            keeps = (self.curvature == "hessian" and self.mode == "double_backward"
+                     and self.cache_graph is not False)
+            if keeps:
+                g = self._graph(i)[1]
+            else:
+                w = self.w0.detach().clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(c * self.batch_loss(w, i), w, allow_unused=True)
+                if g is None:  # the loss does not depend on the selected parameters
+                    g = torch.zeros_like(self.w0)
+            total += g.detach()
+        return total
 
     @staticmethod
     def _backward_through(w: Tensor, g: Tensor, vs: Tensor) -> Tensor:
