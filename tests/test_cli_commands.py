@@ -45,6 +45,7 @@ def test_measure_writes_numbers_and_plots(tmp_path, capsys):
                  "--basin", "3", "-q"]) == 0
     res = json.loads((run / "measure" / "measures.json").read_text())
     assert len(res["hessian_eigenvalues"]) == 2 and res["hessian_starts"] == 2
+    assert res["hessian_start"] == "auto"
     assert res["hessian_eigenvalues"][0] >= res["hessian_eigenvalues"][1]
     assert res["divergence"] >= 0 and res["hessian_trace"] > 0
     assert len(res["line"]["loss"]) == 7 and len(res["plane"]["loss"]) == 5

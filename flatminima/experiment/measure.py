@@ -40,6 +40,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--starts", type=int, default=1,
                    help="independent Lanczos start vectors for the eigenvalues (the largest "
                         "value at each rank is kept; a start can skip one of a tight cluster)")
+    p.add_argument("--start", choices=["auto", "random", "gradient"], default="auto",
+                   help="first Lanczos start vector: random, random plus the loss gradient, or "
+                        "auto (the gradient one for --k 1 only; default)")
     p.add_argument("--trace-matvecs", type=int, default=60,
                    help="Hutch++ matvec budget (0 skips the trace)")
     p.add_argument("--rho", type=float, default=0.05, help="model divergence radius")
@@ -144,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(step)
         if step == "hessian":
             eig = hessian.eigenvalues(model, loss_fn, batch, k=args.k, starts=args.starts,
-                                      generator=gen())
+                                      start=args.start, generator=gen())
             res["hessian_eigenvalues"] = [float(v) for v in eig]
             res["hessian_starts"] = args.starts
+            res["hessian_start"] = args.start
         elif step == "trace" and args.trace_matvecs > 0:
             tr = hessian.trace(model, loss_fn, batch, num_matvecs=args.trace_matvecs,
                                generator=gen())
