@@ -92,9 +92,9 @@ def eigenvalues(
     whose top eigenvalues are 5% apart. For ``k=5`` it saved at most a product, and one of
     eight runs on the trained CNN skipped an eigenvalue that no random start skipped (the
     gradient favours some of the top eigenvectors, which then converge before an unfavoured
-    one has appeared), hence random starts there. The random part keeps the guarantees of a
-    random start: the stopping rule, and every value a lower bound of the eigenvalue of its
-    rank. Further runs (``starts > 1``) always start from Rademacher vectors.
+    one has appeared), hence random starts there. The stopping rule's guarantee and the lower
+    bounds hold for any start vector; the random part keeps every eigenvector in this one, as
+    in a random start. Further runs (``starts > 1``) always start from Rademacher vectors.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -141,9 +141,10 @@ def start_vector(op: CurvatureOperator, kind: str, generator: torch.Generator | 
     """A Lanczos start vector: Rademacher ``r`` from ``generator`` (``kind="random"``) or
     ``r + (|r| / 2) g / |g|`` with ``g`` the loss gradient (``kind="gradient"``).
 
-    The random part keeps every eigenvector in the start (with probability one), so the
-    stopping rule's guarantee and Cauchy interlacing hold as for a random start; the gradient
-    part weights the top eigenspace, where a trained network's gradient mostly lies. The
+    The stopping rule's guarantee and Cauchy interlacing hold for any start vector; the random
+    part keeps every eigenvector in this one (with probability one), as in a random start, and
+    the gradient part weights the top eigenspace, where a trained network's gradient mostly
+    lies. The
     gradient is free once double-backward products keep the gradient graphs (they are built
     here instead of at the first product). A zero gradient leaves ``r``.
     """
