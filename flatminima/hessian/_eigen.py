@@ -144,9 +144,8 @@ def start_vector(op: CurvatureOperator, kind: str, generator: torch.Generator | 
     The stopping rule's guarantee and Cauchy interlacing hold for any start vector; the random
     part keeps every eigenvector in this one (with probability one), as in a random start, and
     the gradient part weights the top eigenspace, where a trained network's gradient mostly
-    lies. The
-    gradient is free once double-backward products keep the gradient graphs (they are built
-    here instead of at the first product). A zero gradient leaves ``r``.
+    lies. The gradient is free once double-backward products keep the gradient graphs (they are
+    built here instead of at the first product). A zero gradient leaves ``r``.
     """
     r = rademacher(op.size, generator, op.w0)
     if kind == "random":
