@@ -143,7 +143,8 @@ class FlatParams:
         # additions of all n entries (a third of a Hessian-vector product on ResNet-18); a
         # split's backward is one concatenation.
         pieces = flat.split(self.numels, dim=-1)
-        return {n: piece.reshape(*lead, *shape)
+        # A tuple, not unpacked: a 0-dim parameter of one weight set has the empty shape ().
+        return {n: piece.reshape((*lead, *shape))
                 for n, shape, piece in zip(self.names, self.shapes, pieces, strict=True)}
 
 

@@ -74,7 +74,9 @@ def model_divergence(
     the perturbed parameters. ``chunk_size`` perturbed models share one vmapped pass; by default
     the faster of vmapped passes and one pass per sample, timed on the first samples (see
     :func:`flatminima.landscape.evaluate`). Eval mode unless ``train=True`` (then one sample at
-    a time, buffers restored). Samples are drawn in order from ``generator``.
+    a time, buffers restored; dropout then draws a fresh mask for the clean pass and for each
+    perturbed one, so the result includes dropout's own divergence and is not 0 at ``rho=0``).
+    Samples are drawn in order from ``generator``.
 
     Example::
 
@@ -91,7 +93,9 @@ def model_divergence(
     elif not callable(noise):
         raise ValueError(f"noise must be callable, got {noise!r}")
     batches = as_batches(data, model_device(model))
-    selected = {n: p.detach() for n, p in select_params(model, params).items()}
+    # The example input finds the last layer in execution order (a head registered first).
+    selected = {n: p.detach()
+                for n, p in select_params(model, params, batches[0][0]).items()}
     with measuring_mode(model, train), torch.no_grad():
         clean = [(x, model(x)) for x, _y in batches]
     # The "loss" of a perturbed model on a batch is its divergence from the clean outputs,

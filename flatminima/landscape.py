@@ -138,7 +138,7 @@ def _check_directions(model: nn.Module, directions: Sequence[Mapping[str, Tensor
     if not names:
         raise ValueError("direction is empty: it names no parameter")
     for i, d in enumerate(directions):
-        if list(d) != names:
+        if set(d) != set(names):   # the order does not matter: entries are taken by name
             raise ValueError(f"direction {i} names different parameters than direction 0")
         for n, t in d.items():
             if n not in state:
@@ -312,7 +312,9 @@ def evaluate(
     return ev.run(lambda a, b: ev.w0 + c[a:b] @ dmat, coords.shape[0])
 
 
-def _accuracy(out: Tensor, y: Tensor) -> Tensor:
+def _accuracy(out: object, y: Tensor) -> Tensor:
+    if not isinstance(out, Tensor):   # a tuple or dict the user's loss_fn unpacks
+        return torch.full((), float("nan"), device=y.device)
     if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         return (out.argmax(dim=1) == y).to(out.dtype).mean()
     return torch.full((), float("nan"), dtype=out.dtype, device=out.device)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatminima._params import ParamSpec, select_params
+from flatminima._params import ParamSpec, as_batches, model_device, select_params
 from flatminima.landscape import LossFn, PointEvaluator, normalize_direction
 
 
@@ -111,10 +111,13 @@ def basin_radius(
         raise ValueError(f"cutoff_factor must be > 1, got {cutoff_factor!r}")
     if not (0 < rtol < 1):
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
-    selected = {n: p.detach() for n, p in select_params(model, params).items()}
+    batches = as_batches(data, model_device(model))
+    # The example input finds the last layer in execution order (a head registered first).
+    selected = {n: p.detach()
+                for n, p in select_params(model, params, batches[0][0]).items()}
     dim = sum(p.numel() for p in selected.values())
     dirs = _unit_directions(selected, num_directions, directions, generator)
-    ev = PointEvaluator(model, loss_fn, data, list(selected), chunk_size=chunk_size,
+    ev = PointEvaluator(model, loss_fn, batches, list(selected), chunk_size=chunk_size,
                         train=train)
     center = float(ev.run(lambda a, b: ev.w0[None], 1)[0][0])
     if cutoff is None:

@@ -1,0 +1,143 @@
+"""Landscape, basin-radius and divergence measurements on models of unusual shape: a 0-dim
+parameter, a head registered before the body, tuple outputs, directions keyed in another order.
+Each is checked against a direct evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flatminima as fm
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Tempered(nn.Module):
+    """Logits divided by a learned scalar temperature: a 0-dim parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.log_t = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) / self.log_t.exp()
+
+
+class HeadFirst(nn.Module):
+    """The classifier is registered before the body; it runs last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+class WithAux(nn.Module):
+    """Returns (logits, auxiliary logits), as some detection/inception models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.aux = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.aux(x)
+
+
+def data(n: int = 24):
+    g = gen(1)
+    return (torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def direct_loss(model, loss_fn, batch, direction, t: float) -> float:
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            if n in direction:
+                p.add_(t * direction[n])
+    with torch.no_grad():
+        return float(loss_fn(moved.eval()(batch[0]), batch[1]))
+
+
+def test_a_zero_dim_parameter_is_measured():
+    model, batch = Tempered().double(), data()
+    d = fm.landscape.random_direction(model, generator=gen())
+    assert d["log_t"].shape == ()
+    line = fm.landscape.line(model, F.cross_entropy, batch, d, [-0.5, 0.5])
+    for i, t in enumerate((-0.5, 0.5)):
+        assert float(line.loss[i]) == pytest.approx(
+            direct_loss(model, F.cross_entropy, batch, d, t), rel=1e-12)
+    r = fm.volume.basin_radius(model, F.cross_entropy, batch, num_directions=2, generator=gen())
+    assert r.dim == 16 and bool((r.radii > 0).all())
+    div = fm.divergence.model_divergence(model, batch, rho=0.05, num_samples=2, generator=gen())
+    assert div >= 0
+    # The Hessian over it, against the dense one.
+    x, y = batch
+    # named_parameters() order: the module's own log_t, then lin.weight, lin.bias.
+    assert [n for n, _ in model.named_parameters()] == ["log_t", "lin.weight", "lin.bias"]
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        log_t, weight, bias = flat[0], flat[1:13].view(3, 4), flat[13:16]
+        return F.cross_entropy((x @ weight.T + bias) / log_t.exp(), y)
+
+    ref = torch.linalg.eigvalsh(torch.func.hessian(loss)(w)).flip(0)[:2]
+    got = fm.hessian.eigenvalues(model, F.cross_entropy, batch, k=2, generator=gen())
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def test_last_layer_is_found_in_execution_order_by_every_measurement():
+    model, batch = HeadFirst().double(), data()
+    head = ["head.weight", "head.bias"]
+    r = fm.volume.basin_radius(model, F.cross_entropy, batch, num_directions=3,
+                               params="last_layer", generator=gen())
+    r_head = fm.volume.basin_radius(model, F.cross_entropy, batch, num_directions=3,
+                                    params=head, generator=gen())
+    assert r.dim == 27
+    torch.testing.assert_close(r.radii, r_head.radii)
+    div = fm.divergence.model_divergence(model, batch, rho=0.1, num_samples=3,
+                                         params="last_layer", generator=gen())
+    div_head = fm.divergence.model_divergence(model, batch, rho=0.1, num_samples=3,
+                                              params=head, generator=gen())
+    assert div == pytest.approx(div_head, rel=1e-12)
+
+
+def test_tuple_outputs_give_the_loss_and_nan_accuracy():
+    model, batch = WithAux().double(), data()
+
+    def loss_fn(out, y):
+        main, aux = out
+        return F.cross_entropy(main, y) + 0.4 * F.cross_entropy(aux, y)
+
+    d = fm.landscape.random_direction(model, generator=gen())
+    line = fm.landscape.line(model, loss_fn, batch, d, [0.0, 0.7])
+    assert float(line.loss[1]) == pytest.approx(direct_loss(model, loss_fn, batch, d, 0.7),
+                                                rel=1e-12)
+    assert bool(line.accuracy.isnan().all())
+    r = fm.volume.basin_radius(model, loss_fn, batch, num_directions=2, generator=gen())
+    assert bool((r.radii > 0).all())
+
+
+def test_directions_keyed_in_another_order_give_the_same_plane():
+    model, batch = HeadFirst().double(), data()
+    d1 = fm.landscape.random_direction(model, generator=gen(2))
+    d2 = fm.landscape.random_direction(model, generator=gen(3))
+    d2_reversed = dict(reversed(list(d2.items())))
+    grid = torch.linspace(-0.5, 0.5, 3)
+    a = fm.landscape.plane(model, F.cross_entropy, batch, d1, d2, grid, grid)
+    b = fm.landscape.plane(model, F.cross_entropy, batch, d1, d2_reversed, grid, grid)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="different parameters"):
+        fm.landscape.plane(model, F.cross_entropy, batch, d1, {"head.bias": d2["head.bias"]},
+                           grid, grid)
