@@ -65,10 +65,16 @@ def eigenvalues(
 
         lam = fm.hessian.eigenvalues(model, F.cross_entropy, loader, k=1, params="last_layer")
 
-    Lanczos from one start vector sees each distinct eigenvalue once; when its Krylov space
-    closes it continues from a fresh vector orthogonal to it, so exact copies of a repeated
-    eigenvalue are found too. Nearly repeated eigenvalues converge more slowly (as for any
-    single-vector method).
+    Lanczos from one start vector sees each distinct eigenvalue once. When its Krylov space
+    closes (to within the tolerance: products carry rounding) it continues in the orthogonal
+    complement, block after block while a copy found there could still change the wanted
+    values, so the copies of a repeated eigenvalue are found where the space closes before the
+    wanted values converge: an operator with few distinct eigenvalues, such as a linear last
+    layer under mean squared error, whose Hessian is ``A (x) I_c`` (all three copies of each
+    eigenvalue in float64; in float32 rounding kept that space from closing and the third copy
+    was missed). Over a spectrum with many distinct eigenvalues an exactly repeated top
+    eigenvalue is reported once: no single-vector method can see its copies. Nearly repeated
+    eigenvalues converge more slowly (as for any single-vector method).
 
     What the stopping rule cannot certify (no Krylov method can) is that no eigenvalue was
     skipped: an eigenvector the start vector barely touches, typically one inside a tight cluster,

@@ -15,14 +15,19 @@ wanted Ritz value has ``residual <= tol * |theta_i|`` *guarantees* an eigenvalue
 nothing and converges at rate ``lambda_2 / lambda_1`` instead of Lanczos' Chebyshev rate.
 
 When the Krylov space closes (``beta ~ 0``: an invariant subspace was found) the iteration
-continues from a fresh random vector orthogonal to ``Q``; ``T`` then becomes block-diagonal.
+continues from a fresh random vector orthogonal to ``Q``; ``T`` then becomes block-diagonal. A
+space that closes only to within the tolerance (``beta`` below every wanted value's tolerance
+but above the rounding floor, as float64 products of a network leave it) continues with its own
+residual vector, which lies in the complement, and the coupling stays in ``T``.
 This finds eigenvalues the first start vector had no component along (repeated eigenvalues).
 A fresh random vector has (with probability one) a component along every eigenvector left in the
 complement, so its block sees the largest of them before it closes too: once a block closes
 without changing the wanted Ritz values, nothing wanted is left and the iteration stops (a
 low-rank operator would otherwise close a one-vector block at every remaining step). While such a
 block is open, convergence also waits for its own leading Ritz value: until that has converged, an
-eigenvalue of the complement larger than the wanted ones could still appear.
+eigenvalue of the complement larger than the wanted ones could still appear. And if that value is
+a copy of one found before and larger than the k-th wanted value, the block must close first:
+further copies would displace the k-th value, and this block sees its eigenvalue only once.
 """
 
 from __future__ import annotations
@@ -238,9 +243,11 @@ def lanczos(
         if callback is not None:
             callback(step, theta, residuals)
         # On a breakdown the Ritz values are exact but copies of a repeated eigenvalue can still
-        # hide in the orthogonal complement: look there before accepting convergence.
-        done, _ = rule.check(step, theta, s, residuals, breakdown,
-                             restart_on_breakdown and step < n, floor)
+        # hide in the orthogonal complement: look there before accepting convergence. So also
+        # when the block is invariant only to within the tolerance (see StoppingRule.closes).
+        closed = rule.closes(theta, b, floor, breakdown)
+        done, look = rule.check(step, theta, s, residuals, closed,
+                                restart_on_breakdown and step < n, floor)
         if done:
             converged = True
             break
@@ -259,8 +266,13 @@ def lanczos(
             rule.open_row = step
             beta.append(0.0)
         else:
+            # A block invariant to within the tolerance continues with its residual vector,
+            # which lies in the complement (the coupling b stays in T, so every residual is
+            # still exact), and that vector opens the next block.
             previous, q = q, w / b
             beta.append(b)
+            if look:
+                rule.open_row = step
         if basis is not None:
             basis.append(q)
     return LanczosResult(ritz, weights, residuals, len(alpha), converged, basis)
@@ -286,6 +298,20 @@ class StoppingRule:
         self.k, self.which, self.tol = k, which, tol
         self.closed: Tensor | None = None    # wanted Ritz values when the last block closed
         self.open_row: int | None = None     # first basis row of the block opened last
+
+    def closes(self, theta: Tensor, b: float, floor: float, breakdown: bool) -> bool:
+        """Whether the block just closed: a breakdown, or a residual vector so short (``b`` at
+        most the tolerance of every wanted Ritz value) that every Ritz value of the block passes
+        the test whatever the rest of the spectrum holds. Products in float64 carry rounding
+        well above ``floor`` (2e-12 relative on a small MLP's last layer), so an exactly
+        repeated eigenvalue would otherwise be reported once and its copies never looked for.
+        """
+        if breakdown:
+            return True
+        if self.tol is None or theta.numel() == 0:
+            return False
+        wanted = theta[_wanted(theta, self.k, self.which)]
+        return b <= max(floor, self.tol * float(wanted.abs().min()))
 
     def check(self, step: int, theta: Tensor, s: Tensor, residuals: Tensor, breakdown: bool,
               complement_left: bool, floor: float) -> tuple[bool, bool]:
@@ -313,8 +339,21 @@ class StoppingRule:
         if breakdown or self.open_row is None:
             return True
         # The open block's Ritz vectors are those of T that live mostly in its rows.
-        members = torch.nonzero(s[self.open_row:].pow(2).sum(0) > 0.5).flatten()
+        in_block = s[self.open_row:].pow(2).sum(0) > 0.5
+        members = torch.nonzero(in_block).flatten()
         if members.numel() == 0:
             return True
         best = members[_wanted(theta[members], 1, self.which)]
-        return bool(self._within(residuals[best], theta[best], floor).all())
+        if not bool(self._within(residuals[best], theta[best], floor).all()):
+            return False
+        # A leading value that repeats one found before it is a copy of a repeated eigenvalue:
+        # further copies hide where this block, which sees each distinct eigenvalue once, cannot
+        # look. They matter only if they would push out the k-th wanted value; then the block
+        # has to close and open the next one before the search can end.
+        lead = theta[best]
+        if not bool(self._within(theta[~in_block] - lead, lead, floor).any()):
+            return True
+        kth = theta[idx[-1]]
+        if self.which == "magnitude":
+            lead, kth = lead.abs(), kth.abs()
+        return bool((lead - kth <= torch.clamp(self.tol * lead.abs(), min=floor)).all())

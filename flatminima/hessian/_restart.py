@@ -104,7 +104,8 @@ def restarted_lanczos(
             callback(step, theta, residuals)
         # As in plain Lanczos: after a breakdown, copies of a repeated eigenvalue can hide in the
         # orthogonal complement, so look there before accepting convergence.
-        done, _ = rule.check(step, theta, s, residuals, breakdown, basis.rows < n, floor)
+        closed = rule.closes(theta, b, floor, breakdown)
+        done, look = rule.check(step, theta, s, residuals, closed, basis.rows < n, floor)
         if done:
             converged = True
             break
@@ -118,7 +119,9 @@ def restarted_lanczos(
             q = new / new.norm()
             rule.open_row = m
         else:
-            q = w / b
+            q = w / b               # within the tolerance of invariant: it opens the next block
+            if look:
+                rule.open_row = m
         if m == max_basis:
             # Thick restart: keep the Ritz vectors nearest the wanted end; their projected
             # matrix is diagonal, and the coupling to q comes with q's first product. Those of
