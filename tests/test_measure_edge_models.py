@@ -141,3 +141,54 @@ def test_directions_keyed_in_another_order_give_the_same_plane():
     with pytest.raises(ValueError, match="different parameters"):
         fm.landscape.plane(model, F.cross_entropy, batch, d1, {"head.bias": d2["head.bias"]},
                            grid, grid)
+
+
+@pytest.mark.parametrize("loss_name", ["mse_loss", "huber_loss"])
+def test_ggn_of_regression_losses_matches_dense(loss_name):
+    # PyTorch's forward mode fails inside these losses' backward; the GGN does without it.
+    from torch.func import functional_call, hessian, jacrev
+
+    from flatminima._params import FlatParams
+
+    loss_fn = getattr(F, loss_name)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    t = 2 * torch.randn(8, 3, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = FlatParams.of(params)
+    w0 = flat.flatten(params)
+    out = functional_call(model, params, (x,))
+    j = jacrev(lambda w: functional_call(model, flat.unflatten(w), (x,)))(w0)
+    j = j.reshape(-1, w0.numel())
+    h_out = hessian(lambda o: loss_fn(o.reshape(out.shape), t))(out.reshape(-1))
+    ref = torch.linalg.eigvalsh(j.T @ h_out @ j).flip(0)[:3]
+    got = fm.hessian.eigenvalues(model, loss_fn, (x, t), k=3, curvature="ggn", generator=gen())
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="mode='double_backward'"):
+        fm.hessian.eigenvalues(model, loss_fn, (x, t), mode="forward_over_reverse")
+
+
+def test_a_last_layer_batchnorm_after_a_frozen_linear():
+    # The last layer is the BatchNorm; folding it into the Linear before it (outside the part
+    # that the products run through) would lose the selected weights.
+    from torch.func import functional_call, hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,))
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n.startswith("0.")}
+
+    def loss(w):
+        return F.cross_entropy(functional_call(model, {**fixed, "1.weight": w[:4],
+                                                      "1.bias": w[4:]}, (x,)), y)
+
+    w0 = torch.cat([model[1].weight.detach(), model[1].bias.detach()])
+    ref = torch.linalg.eigvalsh(hessian(loss)(w0)).flip(0)[:2]
+    got = fm.hessian.eigenvalues(model, F.cross_entropy, (x, y), k=2, params="last_layer",
+                                 generator=gen())
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)

@@ -200,6 +200,12 @@ class CurvatureOperator:
         if reuse_trunk:
             self.trunk = capture_trunk(model, detached, self.fixed, self.batches,
                                        self.memory // 2)
+        if self.trunk is not None:
+            # Products run the trunk's module alone: a fold reaching outside it (a last-layer
+            # BatchNorm folded into the frozen layer before it) would drop the selected weights.
+            inside = {id(m) for m in self.trunk.module.modules()}
+            self.folds = [(layer, norm) for layer, norm in self.folds
+                          if id(layer) in inside and id(norm) in inside]
         # None: decided by the measured size of the first graph (see _double_backward).
         self.cache_graph = cache_graph
         self.num_matvecs = 0
@@ -318,6 +324,16 @@ class CurvatureOperator:
         return torch.zeros_like(vs) if hv is None else hv
 
     def _forward_over_reverse(self, vs: Tensor) -> Tensor:
+        try:
+            return self._forward_over_reverse_products(vs)
+        except (RuntimeError, NotImplementedError) as e:
+            if "forward AD" not in str(e) and "ZeroTensor" not in str(e):
+                raise
+            raise ValueError("mode='forward_over_reverse' needs forward-mode differentiation "
+                             "of the loss's and model's backward, which PyTorch lacks here; "
+                             f"use mode='double_backward' ({str(e).splitlines()[0]})") from e
+
+    def _forward_over_reverse_products(self, vs: Tensor) -> Tensor:
         out = torch.zeros_like(vs)
         for i, c in enumerate(self.weights):
             grad_fn = grad(lambda w, i=i: self.batch_loss(w, i))
@@ -340,7 +356,9 @@ class CurvatureOperator:
             def ggn_one(v: Tensor, f: Callable = f, z: Tensor = z, vjp_fn: Callable = vjp_fn,
                         loss_grad: Callable = loss_grad) -> Tensor:
                 jv = jvp(f, (self.w0,), (v,))[1]              # J v
-                hjv = jvp(loss_grad, (z,), (jv,))[1]           # H_out J v
+                # H_out J v by reverse-over-reverse on the loss alone (H_out is symmetric):
+                # PyTorch's forward mode fails inside mse_loss's and huber_loss's backward.
+                hjv = grad(lambda o: (loss_grad(o) * jv).sum())(z)
                 return vjp_fn(hjv)[0]                           # J^T H_out J v
 
             gv = ggn_one(vs[0]).unsqueeze(0) if vs.shape[0] == 1 else vmap(ggn_one)(vs)
