@@ -27,11 +27,27 @@ Batch = tuple[Tensor, Tensor]
 ParamSpec = Sequence[str] | Callable[..., bool] | str | None
 
 
+def _own_params(module: nn.Module) -> list[Tensor]:
+    """The parameters a layer owns: its direct ones and, for a parametrized layer
+    (``torch.nn.utils.parametrize``), the originals kept in its ``parametrizations`` child."""
+    own = list(module.parameters(recurse=False))
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.ModuleDict):
+        own += list(parametrizations.parameters())
+    return own
+
+
 def _leaf_modules_with_params(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    inside_parametrizations = {
+        id(m) for owner in model.modules()
+        if isinstance(getattr(owner, "parametrizations", None), nn.ModuleDict)
+        for m in owner.parametrizations.modules()
+    }
     return [
         (name, m)
         for name, m in model.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False))
+        if id(m) not in inside_parametrizations
+        and any(p.requires_grad for p in _own_params(m))
     ]
 
 
@@ -63,8 +79,10 @@ def last_layer_names(model: nn.Module, example_input: Tensor | None = None) -> l
         if order:
             last_name = order[-1]
     module = dict(model.named_modules())[last_name]
-    prefix = f"{last_name}." if last_name else ""
-    return [f"{prefix}{n}" for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    # The model's own names for them: a weight tied to an earlier layer is listed once by
+    # model.named_parameters(), under the earlier layer's name.
+    owned = {id(p) for p in _own_params(module) if p.requires_grad}
+    return [n for n, p in model.named_parameters() if id(p) in owned]
 
 
 def select_params(
@@ -88,9 +106,14 @@ def select_params(
             selected = named_trainable_params(model, params)
     elif isinstance(params, str) or params is None:
         selected = named_trainable_params(model, params)
+    elif isinstance(params, Iterable):
+        chosen = named_trainable_params(model, list(params))
+        # The model's order, not the list's: a flat vector over the selection is laid out as
+        # model.named_parameters() lists the parameters, whatever order the names came in.
+        selected = {n: p for n, p in model.named_parameters() if n in chosen}
     else:
-        names = list(params)
-        selected = named_trainable_params(model, names)
+        raise ValueError(f"params must be None, a list of names, a predicate, 'last_layer', "
+                         f"'weights' or 'no_norm', got {params!r}")
     if not selected:
         raise ValueError(f"parameter selection {params!r} matches no trainable parameter")
     return selected

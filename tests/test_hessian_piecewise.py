@@ -87,7 +87,8 @@ def test_products_equal_dense_hessian(lean):
 
 def test_subset_after_the_pieces_and_before_them():
     model, x, y = setup(5)
-    for names in (["head.weight", "conv2.bias"], ["conv.weight"]):
+    # (A flat vector over a selection follows model.named_parameters() order.)
+    for names in (["conv2.bias", "head.weight"], ["conv.weight"]):
         h = dense_hessian(model, x, y, names)
         op = fh.CurvatureOperator(model, F.cross_entropy, (x, y), names)
         vs = torch.randn(3, op.size, dtype=torch.float64, generator=gen(3))

@@ -192,3 +192,71 @@ def test_a_last_layer_batchnorm_after_a_frozen_linear():
     got = fm.hessian.eigenvalues(model, F.cross_entropy, (x, y), k=2, params="last_layer",
                                  generator=gen())
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def test_a_selection_the_loss_does_not_use_has_zero_curvature():
+    model, batch = HeadFirst().double(), data()
+    model.unused = nn.Linear(2, 2).double()
+    names = ["unused.weight", "unused.bias"]
+    assert fm.hessian.eigenvalues(model, F.cross_entropy, batch, params=names).item() == 0
+    assert float(fm.hessian.trace(model, F.cross_entropy, batch, 10, params=names,
+                                  generator=gen())) == 0
+
+
+def test_a_flat_vector_follows_the_models_order_whatever_the_list_order():
+    model, batch = HeadFirst().double(), data()
+    v = {n: torch.randn(p.shape, dtype=torch.float64, generator=gen(4))
+         for n, p in model.named_parameters()}
+    names = ["body.bias", "head.bias"]                 # head comes first in the model
+    flat = torch.cat([v["head.bias"], v["body.bias"]])
+    by_dict = fm.hessian.hvp(model, F.cross_entropy, batch, {n: v[n] for n in names},
+                             params=names)
+    by_flat = fm.hessian.hvp(model, F.cross_entropy, batch, flat, params=names)
+    torch.testing.assert_close(by_flat, torch.cat([by_dict["head.bias"], by_dict["body.bias"]]))
+
+
+def test_last_layer_of_tied_and_parametrized_heads():
+    from flatminima._params import last_layer_names
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.dec = nn.Linear(4, 6)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.dec(torch.tanh(self.emb(t)))
+
+    assert last_layer_names(Tied()) == ["emb.weight", "dec.bias"]
+    normed = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    torch.nn.utils.parametrizations.weight_norm(normed[2])
+    assert sorted(last_layer_names(normed)) == [
+        "2.bias", "2.parametrizations.weight.original0", "2.parametrizations.weight.original1"]
+
+
+def test_train_mode_batchnorm_through_torch_func_products():
+    model, batch = mlp(), data()
+    model.train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    ref = fm.hessian.eigenvalues(model, F.cross_entropy, batch, train=True, generator=gen())
+    fr = fm.hessian.eigenvalues(model, F.cross_entropy, batch, train=True, generator=gen(),
+                                mode="forward_over_reverse")
+    torch.testing.assert_close(fr, ref, rtol=1e-8, atol=0)
+    fm.hessian.eigenvalues(model, F.cross_entropy, batch, train=True, curvature="ggn")
+    assert model.training
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+def test_inference_mode_and_a_bad_selection_are_value_errors():
+    model, batch = mlp(), data()
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        fm.hessian.eigenvalues(model, F.cross_entropy, batch)
+    with pytest.raises(ValueError, match="params must be"):
+        fm.hessian.eigenvalues(model, F.cross_entropy, batch, params=3)

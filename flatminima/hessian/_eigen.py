@@ -72,9 +72,10 @@ def eigenvalues(
     wanted values converge: an operator with few distinct eigenvalues, such as a linear last
     layer under mean squared error, whose Hessian is ``A (x) I_c`` (all three copies of each
     eigenvalue in float64; in float32 rounding kept that space from closing and the third copy
-    was missed). Over a spectrum with many distinct eigenvalues an exactly repeated top
-    eigenvalue is reported once: no single-vector method can see its copies. Nearly repeated
-    eigenvalues converge more slowly (as for any single-vector method).
+    was missed; a ``tol`` below the products' rounding, 1e-10 there, cannot tell a closed space
+    from a converged one either). Over a spectrum with many distinct eigenvalues an exactly
+    repeated top eigenvalue is reported once: no single-vector method can see its copies.
+    Nearly repeated eigenvalues converge more slowly (as for any single-vector method).
 
     What the stopping rule cannot certify (no Krylov method can) is that no eigenvalue was
     skipped: an eigenvector the start vector barely touches, typically one inside a tight cluster,

@@ -116,6 +116,23 @@ class _SavedBytes:
         return t
 
 
+@contextlib.contextmanager
+def _batch_statistics_only(model: nn.Module):
+    """Train-mode BatchNorm without updating its running statistics: the outputs are the same
+    (train mode normalizes with the batch's statistics), and the in-place updates, which
+    ``torch.func`` transforms refuse, are skipped (the measurement restores buffers anyway)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 def _default_loss(loss_fn: LossFn | None) -> LossFn:
     if loss_fn is None:
         return torch.nn.functional.cross_entropy
@@ -166,6 +183,9 @@ class CurvatureOperator:
             raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
         if mode not in MODES:
             raise ValueError(f"unknown hvp mode {mode!r}; choose one of {MODES}")
+        if torch.is_inference_mode_enabled():
+            raise ValueError("Hessian measurements differentiate the loss: call them outside "
+                             "torch.inference_mode() (torch.no_grad() is fine)")
         self.model = model
         self.loss_fn = _default_loss(loss_fn)
         self.batches: list[Batch] = as_batches(data, model_device(model))
@@ -218,7 +238,8 @@ class CurvatureOperator:
         none = contextlib.nullcontext()
         convs = data_convolutions(self.model) if self.data_convs else none
         piecewise = lean_piecewise_linear() if self.lean_piecewise else none
-        with affine_batchnorm(self._norms, self.folds), convs, piecewise:
+        with affine_batchnorm(self._norms, self.folds), convs, piecewise, \
+                _batch_statistics_only(self.model):
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
@@ -264,8 +285,10 @@ class CurvatureOperator:
         # what the products differentiate.
         with hooks, torch.enable_grad():
             loss = self.weights[i] * self.batch_loss(w, i)
-            (g,) = torch.autograd.grad(loss, w, create_graph=True)
-        return w, g
+            if not loss.requires_grad:   # the loss does not use the selection: zero curvature
+                return w, torch.zeros_like(w)
+            (g,) = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
+        return w, torch.zeros_like(w) if g is None else g
 
     def _graph(self, i: int) -> tuple[Tensor, Tensor]:
         """Batch ``i``'s gradient graph ``(w, g)``, ``g`` weighted by the batch's share: the

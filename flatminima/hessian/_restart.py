@@ -100,6 +100,7 @@ def restarted_lanczos(
         b = float(w.norm())
         m = j + 1
         theta, s, residuals, breakdown, floor = ritz_step(t[:m, :m], b, eps)
+        residuals = residuals + rule.dropped
         if callback is not None:
             callback(step, theta, residuals)
         # As in plain Lanczos: after a breakdown, copies of a repeated eigenvalue can hide in the
@@ -111,17 +112,17 @@ def restarted_lanczos(
             break
         if step == max_steps:
             break
-        if breakdown:
+        if breakdown or (closed and look):
             new, _ = _orthogonalized(rademacher(n, generator, start), basis)
             if float(new.norm()) <= eps:
                 converged = True
                 break
+            if not breakdown:       # a near closure: its coupling is dropped (see closes)
+                rule.dropped += b
             q = new / new.norm()
             rule.open_row = m
         else:
-            q = w / b               # within the tolerance of invariant: it opens the next block
-            if look:
-                rule.open_row = m
+            q = w / b
         if m == max_basis:
             # Thick restart: keep the Ritz vectors nearest the wanted end; their projected
             # matrix is diagonal, and the coupling to q comes with q's first product. Those of
