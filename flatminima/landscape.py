@@ -110,8 +110,13 @@ def random_direction(
     norm: str = "filter",
     bias_bn: str = "zero",
     generator: torch.Generator | None = None,
+    example_input: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """A Gaussian random direction over the selected parameters, normalized by ``norm``.
+
+    ``params="last_layer"`` finds the last layer in execution order when ``example_input`` (a
+    few inputs) is given, else in registration order (see
+    :func:`flatminima._params.last_layer_names`).
 
     Example (Li et al.'s 2D plot)::
 
@@ -120,7 +125,7 @@ def random_direction(
         res = fm.landscape.plane(model, F.cross_entropy, loader, d1, d2,
                                  torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21))
     """
-    selected = select_params(model, params)
+    selected = select_params(model, params, example_input)
     device = generator.device if generator is not None else None
     raw = {
         n: torch.randn(p.shape, generator=generator, device=device or p.device,

@@ -111,6 +111,9 @@ def test_last_layer_is_found_in_execution_order_by_every_measurement():
     div_head = fm.divergence.model_divergence(model, batch, rho=0.1, num_samples=3,
                                               params=head, generator=gen())
     assert div == pytest.approx(div_head, rel=1e-12)
+    d = fm.landscape.random_direction(model, params="last_layer", example_input=batch[0],
+                                      generator=gen())
+    assert sorted(d) == sorted(head)
 
 
 def test_tuple_outputs_give_the_loss_and_nan_accuracy():
