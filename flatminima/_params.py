@@ -228,11 +228,12 @@ def model_device(model: nn.Module) -> torch.device:
 def measuring_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
     """Put ``model`` in eval (default) or train mode; restore the mode and all buffers after.
 
-    In train mode BatchNorm updates its running statistics on every forward; a measurement
-    must not change the model, so the buffers are copied and written back.
+    In train mode BatchNorm updates its running statistics on every forward, and a custom
+    module may update a buffer in eval mode too (a running average); a measurement must not
+    change the model, so the buffers are copied and written back in either mode.
     """
     modes = {m: m.training for m in model.modules()}
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if train else {}
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     model.train(train)
     try:
         yield

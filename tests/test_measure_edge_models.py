@@ -263,3 +263,22 @@ def test_inference_mode_and_a_bad_selection_are_value_errors():
         fm.hessian.eigenvalues(model, F.cross_entropy, batch)
     with pytest.raises(ValueError, match="params must be"):
         fm.hessian.eigenvalues(model, F.cross_entropy, batch, params=3)
+
+
+def test_a_buffer_changed_by_an_eval_mode_forward_is_restored():
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1          # in eval mode too
+            return self.lin(x)
+
+    model, batch = Counting().double(), data()
+    d = fm.landscape.random_direction(model, generator=gen())
+    fm.landscape.line(model, F.cross_entropy, batch, d, [0.0, 0.5], chunk_size=1)
+    fm.volume.basin_radius(model, F.cross_entropy, batch, num_directions=2, chunk_size=1,
+                           generator=gen())
+    assert float(model.calls) == 0
