@@ -57,17 +57,36 @@ def batch(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
                                                                              generator=g)
 
 
-def dense_hessian(model: nn.Module, x, y, names=None) -> torch.Tensor:
-    """Reference: torch.func.hessian of the full-batch loss over the named parameters."""
+def loss_of_flat(model: nn.Module, x, y, names=None, loss_fn=F.cross_entropy):
+    """``(w -> loss, w0)``: the full-batch loss as a function of the named parameters' flat
+    vector (in the order given), every other parameter fixed."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = list(params) if names is None else names
     flat = FlatParams.of({n: params[n] for n in names})
     fixed = {n: p for n, p in params.items() if n not in names}
 
     def loss(w):
-        return F.cross_entropy(functional_call(model, {**fixed, **flat.unflatten(w)}, (x,)), y)
+        return loss_fn(functional_call(model, {**fixed, **flat.unflatten(w)}, (x,)), y)
 
-    return hessian(loss)(flat.flatten(params))
+    return loss, flat.flatten(params)
+
+
+def dense_hessian(model: nn.Module, x, y, names=None) -> torch.Tensor:
+    """Reference: torch.func.hessian of the full-batch loss over the named parameters."""
+    loss, w0 = loss_of_flat(model, x, y, names)
+    return hessian(loss)(w0)
+
+
+def dense_ggn(model: nn.Module, x, y, loss_fn=F.cross_entropy) -> torch.Tensor:
+    """Reference Gauss-Newton matrix ``J^T H_out J`` over all parameters, from torch.func."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat = FlatParams.of(params)
+    w0 = flat.flatten(params)
+    out = functional_call(model, params, (x,))
+    j = jacrev(lambda w: functional_call(model, flat.unflatten(w), (x,)))(w0)
+    j = j.reshape(-1, w0.numel())
+    h_out = hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
+    return j.T @ h_out @ j
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -216,15 +235,7 @@ def test_last_layer_found_in_execution_order():
 
 def test_ggn_matches_dense_and_equals_hessian_on_last_layer():
     model, (x, y) = tiny_mlp(5), batch(seed=9)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    flat = FlatParams.of(params)
-    w0 = flat.flatten(params)
-    out = functional_call(model, params, (x,))
-    j = jacrev(lambda w: functional_call(model, flat.unflatten(w), (x,)))(w0)
-    j = j.reshape(-1, w0.numel())
-    hl = hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
-    ggn = j.T @ hl @ j
-    ref = torch.linalg.eigvalsh(ggn).flip(0)[:3]
+    ref = torch.linalg.eigvalsh(dense_ggn(model, x, y)).flip(0)[:3]
     got = fh.eigenvalues(model, F.cross_entropy, (x, y), k=3, curvature="ggn", generator=gen())
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
     hess_ll = fh.eigenvalues(model, F.cross_entropy, (x, y), k=3, params="last_layer",

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad
+from torch.func import grad
 
 import flatminima.hessian as fh
-from flatminima._params import FlatParams
 from flatminima.hessian._eigen import start_vector
 from flatminima.hessian._lanczos import rademacher
 from flatminima.hessian._operator import CurvatureOperator
@@ -18,6 +17,7 @@ from tests.test_hessian import (
     batch,
     dense_hessian,
     known_spectrum,
+    loss_of_flat,
     quadratic_loss,
     tiny_mlp,
 )
@@ -28,15 +28,8 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def full_batch_gradient(model, x, y, names=None) -> torch.Tensor:
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    names = list(params) if names is None else names
-    flat = FlatParams.of({n: params[n] for n in names})
-    fixed = {n: p for n, p in params.items() if n not in names}
-
-    def loss(w):
-        return F.cross_entropy(functional_call(model, {**fixed, **flat.unflatten(w)}, (x,)), y)
-
-    return grad(loss)(flat.flatten(params))
+    loss, w0 = loss_of_flat(model, x, y, names)
+    return grad(loss)(w0)
 
 
 @pytest.mark.parametrize("options", [

@@ -149,23 +149,14 @@ def test_directions_keyed_in_another_order_give_the_same_plane():
 @pytest.mark.parametrize("loss_name", ["mse_loss", "huber_loss"])
 def test_ggn_of_regression_losses_matches_dense(loss_name):
     # PyTorch's forward mode fails inside these losses' backward; the GGN does without it.
-    from torch.func import functional_call, hessian, jacrev
-
-    from flatminima._params import FlatParams
+    from tests.test_hessian import dense_ggn
 
     loss_fn = getattr(F, loss_name)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     x = torch.randn(8, 4, dtype=torch.float64)
     t = 2 * torch.randn(8, 3, dtype=torch.float64)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    flat = FlatParams.of(params)
-    w0 = flat.flatten(params)
-    out = functional_call(model, params, (x,))
-    j = jacrev(lambda w: functional_call(model, flat.unflatten(w), (x,)))(w0)
-    j = j.reshape(-1, w0.numel())
-    h_out = hessian(lambda o: loss_fn(o.reshape(out.shape), t))(out.reshape(-1))
-    ref = torch.linalg.eigvalsh(j.T @ h_out @ j).flip(0)[:3]
+    ref = torch.linalg.eigvalsh(dense_ggn(model, x, t, loss_fn)).flip(0)[:3]
     got = fm.hessian.eigenvalues(model, loss_fn, (x, t), k=3, curvature="ggn", generator=gen())
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="mode='double_backward'"):
