@@ -202,6 +202,19 @@ def test_a_selection_the_loss_does_not_use_has_zero_curvature():
                                   generator=gen())) == 0
 
 
+@pytest.mark.parametrize("options", [{"mode": "forward_over_reverse"}, {"curvature": "ggn"}])
+def test_an_unused_selection_through_every_product_path(options):
+    # Also the gradient start of k=1, which reads the gradient without kept graphs here.
+    model, batch = HeadFirst().double(), data()
+    model.unused = nn.Linear(2, 2).double()
+    names = ["unused.weight", "unused.bias"]
+    assert fm.hessian.eigenvalues(model, F.cross_entropy, batch, params=names,
+                                  **options).item() == 0
+    op = fm.hessian.CurvatureOperator(model, F.cross_entropy, batch, names, cache_graph=False,
+                                      **options)
+    assert not op.gradient().any() and not op.matvec(torch.ones(op.size).double()).any()
+
+
 def test_a_flat_vector_follows_the_models_order_whatever_the_list_order():
     model, batch = HeadFirst().double(), data()
     v = {n: torch.randn(p.shape, dtype=torch.float64, generator=gen(4))

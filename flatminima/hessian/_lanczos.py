@@ -16,9 +16,10 @@ nothing and converges at rate ``lambda_2 / lambda_1`` instead of Lanczos' Chebys
 
 When the Krylov space closes (``beta ~ 0``: an invariant subspace was found) the iteration
 continues from a fresh random vector orthogonal to ``Q``; ``T`` then becomes block-diagonal. A
-space that closes only to within the tolerance (``beta`` below every wanted value's tolerance
-but above the rounding floor, as float64 products of a network leave it) continues with its own
-residual vector, which lies in the complement, and the coupling stays in ``T``.
+space that closes only to within the tolerance (``beta`` above the rounding floor, as float64
+products of a network leave it, but below half of every wanted value's tolerance) is treated
+the same way: its coupling ``beta`` is dropped from ``T`` and added to every later residual
+bound, so the guarantee still holds (:meth:`StoppingRule.closes`).
 This finds eigenvalues the first start vector had no component along (repeated eigenvalues).
 A fresh random vector has (with probability one) a component along every eigenvector left in the
 complement, so its block sees the largest of them before it closes too: once a block closes

@@ -116,14 +116,18 @@ class _SavedBytes:
         return t
 
 
+def _tracking_train_norms(model: nn.Module) -> list[nn.Module]:
+    """The train-mode BatchNorm layers that would update their running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            and m.track_running_stats]
+
+
 @contextlib.contextmanager
-def _batch_statistics_only(model: nn.Module):
+def _batch_statistics_only(norms: list[nn.Module]):
     """Train-mode BatchNorm without updating its running statistics: the outputs are the same
     (train mode normalizes with the batch's statistics), and the in-place updates, which
     ``torch.func`` transforms refuse, are skipped (the measurement restores buffers anyway)."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-             and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:
@@ -207,6 +211,8 @@ class CurvatureOperator:
         # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper,
         # and folded into the layer before it, cheaper still.
         self._norms = eval_batchnorms(model) if affine_norms else []
+        # Found once: the model's modes stay as they are while the operator is used.
+        self._train_norms = _tracking_train_norms(model)
         self.folds = find_folds(model, self._norms, {**self.fixed, **detached},
                                 self.batches[0][0][:8]) if fold_norms else []
         # Convolutions of the data skip the input's second-order gradient, ReLU and max-pooling
@@ -239,7 +245,7 @@ class CurvatureOperator:
         convs = data_convolutions(self.model) if self.data_convs else none
         piecewise = lean_piecewise_linear() if self.lean_piecewise else none
         with affine_batchnorm(self._norms, self.folds), convs, piecewise, \
-                _batch_statistics_only(self.model):
+                _batch_statistics_only(self._train_norms):
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))
@@ -328,7 +334,9 @@ class CurvatureOperator:
             else:
                 w = self.w0.detach().clone().requires_grad_(True)
                 with torch.enable_grad():
-                    (g,) = torch.autograd.grad(c * self.batch_loss(w, i), w, allow_unused=True)
+                    loss = c * self.batch_loss(w, i)
+                    g = (torch.autograd.grad(loss, w, allow_unused=True)[0]
+                         if loss.requires_grad else None)
                 if g is None:  # the loss does not depend on the selected parameters
                     g = torch.zeros_like(self.w0)
             total += g.detach()
