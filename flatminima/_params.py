@@ -6,6 +6,9 @@ buffer held fixed. This module turns a model plus a selection into that view:
 
 * :func:`select_params` resolves ``params=`` (``None``, a list of names, a predicate, or one of
   ``"last_layer"``, ``"weights"``, ``"no_norm"``) into an ordered ``{name: Parameter}`` dict.
+  The methods (which parameters are perturbed) and the measurements (which are measured) share
+  it, so one vocabulary selects parameters everywhere; :func:`freeze_selection` turns a one-shot
+  iterator of names into a tuple when a method is built, so every call sees the same names.
 * :class:`FlatParams` flattens/unflattens between that dict and one vector.
 * :func:`as_batches` turns ``data`` (one ``(x, y)`` batch or an iterable of them) into a list.
 * :func:`measuring_mode` puts the model in eval (or train) mode and restores mode and buffers.
@@ -21,10 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatminima.noise import named_trainable_params
+from flatminima._nn import model_device, norm_param_names
 
 Batch = tuple[Tensor, Tensor]
-ParamSpec = Sequence[str] | Callable[..., bool] | str | None
+ParamSpec = Iterable[str] | Callable[..., bool] | str | None
+SELECTIONS = ("last_layer", "weights", "no_norm")
+
+__all__ = ["Batch", "FlatParams", "ParamSpec", "SELECTIONS", "as_batches", "batch_weights",
+           "freeze_selection", "last_layer_names", "measuring_mode", "model_device",
+           "select_params"]
 
 
 def _own_params(module: nn.Module) -> list[Tensor]:
@@ -85,6 +93,31 @@ def last_layer_names(model: nn.Module, example_input: Tensor | None = None) -> l
     return [n for n, p in model.named_parameters() if id(p) in owned]
 
 
+def freeze_selection(params: ParamSpec) -> ParamSpec:
+    """``params`` in a form that can be resolved any number of times.
+
+    An iterable of names (a generator, ``iter([...])``, a set) becomes a tuple, read once; a
+    string, a predicate or ``None`` is returned as it is. A string outside :data:`SELECTIONS` or
+    a value of another type is a ``ValueError``.
+    """
+    if params is None or callable(params):
+        return params
+    if isinstance(params, str):
+        if params not in SELECTIONS:
+            raise ValueError(f"unknown parameter selection {params!r}; use "
+                             f"{', '.join(repr(s) for s in SELECTIONS)}, a list of names or a "
+                             "predicate")
+        return params
+    if isinstance(params, Iterable):
+        names = tuple(params)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise ValueError(f"params must list parameter names, got {bad[0]!r}")
+        return names
+    raise ValueError(f"params must be None, a list of names, a predicate, 'last_layer', "
+                     f"'weights' or 'no_norm', got {params!r}")
+
+
 def select_params(
     model: nn.Module, params: ParamSpec = None, example_input: Tensor | None = None
 ) -> dict[str, nn.Parameter]:
@@ -93,27 +126,34 @@ def select_params(
     ``params`` is ``None`` (every trainable parameter), a list of names, a predicate taking the
     name (or ``(name, tensor)``), ``"last_layer"`` (see :func:`last_layer_names`), ``"weights"``
     (tensors with ``dim > 1``: no biases, no norm scales) or ``"no_norm"`` (all but
-    normalization-layer parameters). An empty result or an unknown name raises ``ValueError``.
+    normalization-layer parameters, :func:`flatminima._nn.is_norm_layer`). Only parameters with
+    ``requires_grad`` are selected, in the model's order (a flat vector over the selection is
+    laid out as ``model.named_parameters()`` lists them, whatever order the names came in). An
+    empty result or an unknown name raises ``ValueError``.
     """
-    if params == "last_layer":
-        names = last_layer_names(model, example_input)
-        selected = named_trainable_params(model, names)
-    elif callable(params) and not isinstance(params, str):
-        arity = _arity(params)
-        if arity == 1:
-            selected = named_trainable_params(model, lambda n, _p: bool(params(n)))
+    params = freeze_selection(params)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        selected = trainable
+    elif params == "last_layer":
+        names = set(last_layer_names(model, example_input))
+        selected = {n: p for n, p in trainable.items() if n in names}
+    elif params == "weights":
+        selected = {n: p for n, p in trainable.items() if p.dim() > 1}
+    elif params == "no_norm":
+        norm = norm_param_names(model)
+        selected = {n: p for n, p in trainable.items() if n not in norm}
+    elif callable(params):
+        if _arity(params) == 1:
+            selected = {n: p for n, p in trainable.items() if params(n)}
         else:
-            selected = named_trainable_params(model, params)
-    elif isinstance(params, str) or params is None:
-        selected = named_trainable_params(model, params)
-    elif isinstance(params, Iterable):
-        chosen = named_trainable_params(model, list(params))
-        # The model's order, not the list's: a flat vector over the selection is laid out as
-        # model.named_parameters() lists the parameters, whatever order the names came in.
-        selected = {n: p for n, p in model.named_parameters() if n in chosen}
+            selected = {n: p for n, p in trainable.items() if params(n, p)}
     else:
-        raise ValueError(f"params must be None, a list of names, a predicate, 'last_layer', "
-                         f"'weights' or 'no_norm', got {params!r}")
+        missing = [n for n in params if n not in trainable]
+        if missing:
+            raise ValueError(f"model has no trainable parameter named {missing[0]!r}")
+        wanted = set(params)
+        selected = {n: p for n, p in trainable.items() if n in wanted}
     if not selected:
         raise ValueError(f"parameter selection {params!r} matches no trainable parameter")
     return selected
@@ -216,12 +256,6 @@ def batch_weights(batches: Sequence[Batch]) -> list[float]:
     sizes = [len(x) for x, _ in batches]
     total = float(sum(sizes))
     return [s / total for s in sizes]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager

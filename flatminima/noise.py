@@ -44,11 +44,18 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from flatminima._checks import check_choice, check_nonneg
+from flatminima._nn import filter_rows
+from flatminima._nn import is_norm_layer as is_norm_param
+from flatminima._params import select_params
+
+__all__ = ["DISTRIBUTIONS", "SCALES", "NoiseFn", "ParamSelector", "Sampler", "check_noise_output",
+           "check_radius", "is_norm_param", "named_trainable_params", "sample"]
 
 DISTRIBUTIONS = ("gaussian", "uniform", "sphere", "ball")
 SCALES = ("global", "layer", "filter", "element")
@@ -57,22 +64,9 @@ NoiseFn = Callable[[dict[str, Tensor], "torch.Generator | None"], dict[str, Tens
 ParamSelector = Iterable[str] | Callable[[str, Tensor], bool] | str | None
 
 
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
 def check_radius(value: float, name: str = "radius") -> float:
     """Validate a non-negative finite number (a perturbation size) and return it as a float."""
-    if isinstance(value, bool):  # a bool is an int to Python, never a meant size
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+    return check_nonneg(value, name)
 
 
 def _draw(shape: torch.Size, like: Tensor, generator: torch.Generator | None, kind: str) -> Tensor:
@@ -95,7 +89,7 @@ def _group_view(t: Tensor, scale: str) -> Tensor:
     if scale == "layer":
         return t.reshape(1, -1)
     if scale == "filter":
-        return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        return filter_rows(t)
     return t.reshape(-1, 1)  # element
 
 
@@ -136,8 +130,8 @@ def sample(
     Parameters are processed in the mapping's order, so the same generator state gives the same
     draw. ``radius=0`` gives exact zeros.
     """
-    _check_choice(distribution, DISTRIBUTIONS, "noise distribution")
-    _check_choice(scale, SCALES, "noise scale")
+    check_choice(distribution, DISTRIBUTIONS, "noise distribution")
+    check_choice(scale, SCALES, "noise scale")
     radius = check_radius(radius)
     with torch.no_grad():
         if scale == "global":
@@ -194,8 +188,8 @@ class Sampler:
         scale: str = "filter",
         relative: bool = True,
     ) -> None:
-        _check_choice(distribution, DISTRIBUTIONS, "noise distribution")
-        _check_choice(scale, SCALES, "noise scale")
+        check_choice(distribution, DISTRIBUTIONS, "noise distribution")
+        check_choice(scale, SCALES, "noise scale")
         self.radius = check_radius(radius)
         self.distribution = distribution
         self.scale = scale
@@ -220,46 +214,13 @@ class Sampler:
         )
 
 
-def is_norm_param(module: nn.Module) -> bool:
-    """True for normalization layers (BatchNorm, GroupNorm, LayerNorm, ...)."""
-    return isinstance(
-        module,
-        (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm),
-    )
-
-
 def named_trainable_params(
     model: nn.Module, params: ParamSelector = None
 ) -> dict[str, nn.Parameter]:
-    """The model's trainable parameters by name, optionally restricted.
-
-    ``params`` is ``None`` (all with ``requires_grad``), an iterable of names, a predicate
-    ``(name, tensor) -> bool``, ``"no_norm"`` (all but normalization-layer parameters) or
-    ``"weights"`` (tensors with dim > 1 only: no biases, no norm scales). Unknown names raise.
-    """
-    all_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if params is None:
-        return all_params
-    if isinstance(params, str):
-        if params == "weights":
-            return {n: p for n, p in all_params.items() if p.dim() > 1}
-        if params == "no_norm":
-            norm_names = {
-                f"{mn}.{pn}" if mn else pn
-                for mn, m in model.named_modules()
-                if is_norm_param(m)
-                for pn, _ in m.named_parameters(recurse=False)
-            }
-            return {n: p for n, p in all_params.items() if n not in norm_names}
-        raise ValueError(f"unknown parameter selection {params!r}; use 'weights', 'no_norm', "
-                         "a list of names or a predicate")
-    if callable(params):
-        return {n: p for n, p in all_params.items() if params(n, p)}
-    wanted = list(params)
-    missing = [n for n in wanted if n not in all_params]
-    if missing:
-        raise ValueError(f"model has no trainable parameter named {missing[0]!r}")
-    return {n: all_params[n] for n in wanted}
+    """The model's trainable parameters by name, optionally restricted: the one selection every
+    method and measurement uses (:func:`flatminima._params.select_params`; ``None``, a list of
+    names, a predicate, ``"weights"``, ``"no_norm"`` or ``"last_layer"``)."""
+    return select_params(model, params)
 
 
 def check_noise_output(
