@@ -16,33 +16,22 @@ default as :class:`flatminima.NRS`: uniform in a per-filter ball of radius ``rho
 so the number measures exactly the neighbourhood NRS regularizes. The perturbed models are
 evaluated as landscape points are (:class:`flatminima.landscape.PointEvaluator`): many per
 ``torch.func.vmap``-ed pass where that is faster, a chunk of them held at a time.
+
+:func:`kl_divergence`, the divergence of one batch (NRS's training term too), lives in
+:mod:`flatminima._kl` below both and is re-exported here.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatminima import noise as noise_lib
-from flatminima._params import ParamSpec, as_batches, measuring_mode, model_device, select_params
+from flatminima._checks import check_callable, check_optional_positive_int, check_positive_int
+from flatminima._kl import kl_divergence as kl_divergence  # public: fm.divergence.kl_divergence
+from flatminima._nn import model_device
+from flatminima._params import ParamSpec, as_batches, measuring_mode, select_params
 from flatminima.landscape import PointEvaluator
-
-
-def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """``KL(softmax(p) || softmax(q))`` summed over the last dim, averaged over the rest.
-
-    The model divergence of Zhao & Zhang (2022), Definition 1, for one batch; NRS trains on it.
-    Low-precision outputs (autocast) are upcast: the KL of nearby distributions is a small
-    difference of logs that float16 cannot resolve.
-    """
-    logp = F.log_softmax(_upcast(logits_p), dim=-1)
-    logq = F.log_softmax(_upcast(logits_q), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(dim=-1).mean()
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _kl_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -84,14 +73,12 @@ def model_divergence(
                                            generator=torch.Generator().manual_seed(0))
     """
     rho = noise_lib.check_radius(rho, "rho")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
     if noise is None:
         noise = noise_lib.Sampler(rho, distribution=distribution, scale=scale, relative=relative)
-    elif not callable(noise):
-        raise ValueError(f"noise must be callable, got {noise!r}")
+    else:
+        check_callable(noise, "noise")
     batches = as_batches(data, model_device(model))
     # The example input finds the last layer in execution order (a head registered first).
     selected = {n: p.detach()

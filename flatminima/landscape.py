@@ -29,17 +29,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from flatminima._checks import check_choice, check_optional_positive_int
+from flatminima._nn import LossFn, filter_rows, gaussian_like, model_device
 from flatminima._params import (
     FlatParams,
     ParamSpec,
     as_batches,
     batch_weights,
     measuring_mode,
-    model_device,
     select_params,
 )
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 NORMS = ("filter", "layer", "global", "none")
 BIAS_BN = ("zero", "weight", "filter")
 
@@ -57,10 +57,6 @@ class Landscape:
     coords: tuple[Tensor, ...]
 
 
-def _filter_rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-
-
 def normalize_direction(
     direction: Mapping[str, Tensor],
     weights: Mapping[str, Tensor],
@@ -75,10 +71,8 @@ def normalize_direction(
     ``bias_bn`` decides 1-D tensors (biases, norm-layer scales) for the ``filter``/``layer``
     rules: ``"zero"``, ``"weight"`` (the direction is ``w`` itself) or ``"filter"``.
     """
-    if norm not in NORMS:
-        raise ValueError(f"unknown direction norm {norm!r}; choose one of {NORMS}")
-    if bias_bn not in BIAS_BN:
-        raise ValueError(f"unknown bias_bn rule {bias_bn!r}; choose one of {BIAS_BN}")
+    check_choice(norm, NORMS, "direction norm")
+    check_choice(bias_bn, BIAS_BN, "bias_bn rule")
     out: dict[str, Tensor] = {}
     if norm == "global":
         d_norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
@@ -96,7 +90,7 @@ def normalize_direction(
         if norm == "layer":
             out[name] = d * (w.norm() / d.norm().clamp_min(1e-30))
             continue
-        rows_d, rows_w = _filter_rows(d), _filter_rows(w)
+        rows_d, rows_w = filter_rows(d), filter_rows(w)
         scale = rows_w.norm(dim=1, keepdim=True) / rows_d.norm(dim=1, keepdim=True).clamp_min(
             1e-30)
         out[name] = (rows_d * scale).reshape(d.shape)
@@ -126,12 +120,7 @@ def random_direction(
                                  torch.linspace(-1, 1, 21), torch.linspace(-1, 1, 21))
     """
     selected = select_params(model, params, example_input)
-    device = generator.device if generator is not None else None
-    raw = {
-        n: torch.randn(p.shape, generator=generator, device=device or p.device,
-                       dtype=p.dtype).to(p.device)
-        for n, p in selected.items()
-    }
+    raw = gaussian_like(selected, generator)
     return normalize_direction(raw, {n: p.detach() for n, p in selected.items()}, norm=norm,
                                bias_bn=bias_bn)
 
@@ -174,8 +163,7 @@ class PointEvaluator:
         chunk_size: int | None = None,
         train: bool = False,
     ) -> None:
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         self.model = model
         self.loss_fn = torch.nn.functional.cross_entropy if loss_fn is None else loss_fn
         self.batches = as_batches(data, model_device(model))
@@ -250,14 +238,14 @@ class PointEvaluator:
         weight sets one pass each, as many again in one vmapped pass, both timed; the faster
         way (``max_chunk`` or 1) does the rest. Every timed evaluation is used, so the choice
         costs 4 points evaluated the slower way, plus an untimed vmapped warm-up on 2 points
-        and 2 inputs (the first vmapped call in a process costs about 0.3 s on a CPU, which
-        alone would make vmap lose on an MLP).
+        and 2 inputs (the first vmapped call in a process pays one-time set-up costs, larger
+        than a small model's whole evaluation, which alone would make vmap lose on an MLP).
 
-        Neither way is faster everywhere. On a CPU a small BatchNorm CNN evaluates 4.1x to 6.3x
-        *slower* vmapped and ResNet-18 1.5x (vmap turns each convolution into a grouped one over
-        permuted, non-contiguous activations, and max-pooling and BatchNorm copy them back),
-        while an MLP is 4.5x to 6x faster (one batched matrix product per layer instead of many
-        small ones): ``benchmarks/results/landscape.md``.
+        Neither way is faster everywhere. On a CPU a small BatchNorm CNN and ResNet-18 evaluate
+        *slower* vmapped (vmap turns each convolution into a grouped one over permuted,
+        non-contiguous activations, and max-pooling and BatchNorm copy them back), while an MLP
+        is faster vmapped (one batched matrix product per layer instead of many small ones):
+        measured in ``benchmarks/results/landscape.md``.
         """
         probe = min(4, chunk.shape[0] // 2)
         if probe == 0:   # one point (a basin's center): decide later
@@ -265,7 +253,7 @@ class PointEvaluator:
         self.chunk_size = 1
         if self.max_chunk == 1:   # one weight set fills the memory meant for a chunk
             return self._evaluate(chunk, x, y)
-        try:  # untimed: the first vmapped call in a process pays one-time costs (0.3 s on a CPU)
+        try:  # untimed: the first vmapped call in a process pays one-time costs (see above)
             self._run_chunk(chunk[:2], x[:2], y[:2])
         except RuntimeError:  # a module vmap cannot batch
             return self._evaluate(chunk, x, y)
@@ -300,7 +288,8 @@ def evaluate(
     ``chunk_size`` at a time and run through one vmapped forward pass; ``chunk_size=1`` runs
     one pass per point. The default times both on the first few points and keeps the faster:
     vmapped passes of as many weight sets as fit in about 256 MB (at most 64), or one pass per
-    point (vmap is much slower for convolutional networks on a CPU; ``benchmarks/landscape.py``).
+    point (vmap is slower for convolutional networks on a CPU: measured in
+    ``benchmarks/results/landscape.md``).
     ``train=True`` evaluates in train mode one point at a time (BatchNorm statistics cannot be
     updated under vmap) and restores buffers.
     """

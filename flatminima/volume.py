@@ -30,8 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatminima._params import ParamSpec, as_batches, model_device, select_params
-from flatminima.landscape import LossFn, PointEvaluator, normalize_direction
+from flatminima._checks import check_choice, check_positive_int
+from flatminima._nn import LossFn, gaussian_like, model_device
+from flatminima._params import ParamSpec, as_batches, select_params
+from flatminima.landscape import PointEvaluator, normalize_direction
+
+DIRECTIONS = ("sphere", "filter")
 
 
 @dataclass
@@ -56,13 +60,8 @@ def _unit_directions(
     selected: dict[str, Tensor], m: int, kind: str, generator: torch.Generator | None
 ) -> list[dict[str, Tensor]]:
     out = []
-    device = generator.device if generator is not None else None
     for _ in range(m):
-        raw = {
-            n: torch.randn(p.shape, generator=generator, device=device or p.device,
-                           dtype=p.dtype).to(p.device)
-            for n, p in selected.items()
-        }
+        raw = gaussian_like(selected, generator)
         if kind == "filter":
             d = normalize_direction(raw, selected, norm="filter", bias_bn="filter")
         else:
@@ -103,10 +102,8 @@ def basin_radius(
         r = fm.volume.basin_radius(model, F.cross_entropy, train_batches, num_directions=20)
         r.radii.mean()
     """
-    if type(num_directions) is not int or num_directions < 1:
-        raise ValueError(f"num_directions must be a positive integer, got {num_directions!r}")
-    if directions not in ("sphere", "filter"):
-        raise ValueError(f"unknown directions {directions!r}; choose 'sphere' or 'filter'")
+    num_directions = check_positive_int(num_directions, "num_directions")
+    check_choice(directions, DIRECTIONS, "directions")
     if not (cutoff_factor > 1.0):
         raise ValueError(f"cutoff_factor must be > 1, got {cutoff_factor!r}")
     if not (0 < rtol < 1):
@@ -196,8 +193,7 @@ def log_unit_ball_volume(dim: int) -> float:
 
 def log_volume_from_radii(radii: Tensor, dim: int) -> float:
     """``log V_n + log mean_i r_i^n`` in log space, for radii along uniform random directions."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    dim = check_positive_int(dim, "dim")
     r = torch.as_tensor(radii, dtype=torch.float64).reshape(-1)
     if r.numel() == 0:
         raise ValueError("radii is empty")

@@ -2,7 +2,8 @@
 
 * :func:`hvp` - Hessian (or Gauss-Newton) times a vector.
 * :func:`eigenvalues` - the top-``k`` eigenvalues by Lanczos with a residual-based stopping rule.
-* :func:`trace` - Hutch++ (default) or Hutchinson, with a standard error.
+* :func:`trace` - Krylov-deflated Hutchinson (``method="krylov"``, the default), Hutch++ or
+  Hutchinson, with a standard error.
 * :func:`density` / :func:`density_nodes` - spectral density by stochastic Lanczos quadrature.
 * :class:`CurvatureOperator` - the operator itself, for custom algorithms.
 

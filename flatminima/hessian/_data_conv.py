@@ -9,8 +9,9 @@ For a convolution ``o = conv(x; W, b)`` the backward computes ``g_W = conv_wgrad
 
 PyTorch's convolution double-backward computes the second term whenever ``V`` is given, even
 when ``x`` is the data and nobody asks for its gradient. On the first layer of a CNN that term
-is a transposed convolution over the largest activation: skipping it takes a product on the MNIST
-CNN of ``benchmarks/hessian.py`` from 212 to 166 ms (``benchmarks/results/hessian.md``).
+is a transposed convolution over the largest activation, so skipping it makes every product
+cheaper (measured on the MNIST CNN of ``benchmarks/hessian.py`` in
+``benchmarks/results/hessian.md``, section 1).
 
 :class:`_DataConv` is the same convolution with a backward of its own: ``x`` gets no gradient,
 and ``g_W, g_b`` come from :class:`_WeightGrad`, a linear map of ``g_o`` whose derivative is the

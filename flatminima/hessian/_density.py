@@ -22,9 +22,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from flatminima._checks import check_positive_int
+from flatminima._nn import LossFn
 from flatminima._params import ParamSpec, measuring_mode
 from flatminima.hessian._lanczos import lanczos, rademacher
-from flatminima.hessian._operator import CurvatureOperator, LossFn, vectors_that_fit
+from flatminima.hessian._operator import CurvatureOperator, vectors_that_fit
 
 
 def density_nodes(
@@ -47,10 +49,8 @@ def density_nodes(
     with zero-weight nodes. ``reorthogonalize``: see the module docstring (``None``: full
     reorthogonalization when ``num_steps`` vectors fit a quarter of the available memory).
     """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not isinstance(num_runs, int) or isinstance(num_runs, bool) or num_runs < 1:
-        raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    num_runs = check_positive_int(num_runs, "num_runs")
     nodes = torch.zeros(num_runs, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, num_steps, dtype=torch.float64)
     with measuring_mode(model, train):
@@ -96,8 +96,7 @@ def density(
         grid, dens = fm.hessian.density(model, F.cross_entropy, (x, y), num_steps=80)
         plt.semilogy(grid, dens + 1e-7)
     """
-    if not isinstance(grid_size, int) or grid_size < 2:
-        raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
+    grid_size = check_positive_int(grid_size, "grid_size", minimum=2)
     if sigma is not None and not (sigma > 0):
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     nodes, weights = density_nodes(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flatminima._checks import check_choice, check_optional_positive_int, check_positive_int
+from flatminima._nn import LossFn
 from flatminima._params import ParamSpec, measuring_mode
 from flatminima.hessian._lanczos import rademacher
-from flatminima.hessian._operator import CurvatureOperator, LossFn, vectors_that_fit
+from flatminima.hessian._operator import CurvatureOperator, vectors_that_fit
 from flatminima.hessian._restart import top_eigenvalues
 
 STARTS = ("auto", "random", "gradient")
@@ -37,84 +39,113 @@ def eigenvalues(
     starts: int = 1,
     start: str = "auto",
 ) -> Tensor:
-    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, largest first.
+    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian (or GGN), largest first.
 
-    Lanczos with full reorthogonalization from a Rademacher start vector drawn from
-    ``generator``; it stops once every wanted Ritz value ``theta`` has residual
-    ``||H s - theta s|| <= tol * |theta|``, which guarantees an eigenvalue of ``H`` within
-    relative ``tol`` (see :mod:`flatminima.hessian._lanczos`). ``which="magnitude"`` returns the
-    ``k`` largest in absolute value instead (still sorted largest first).
+    Lanczos with full reorthogonalization (Lanczos 1950; Paige 1972) on the curvature of the
+    size-weighted mean loss over ``data``, stopped once every wanted Ritz value ``theta`` has
+    residual ``||H s - theta s|| <= tol * |theta|``: for a symmetric ``H`` some eigenvalue then
+    lies within ``tol * |theta|`` of ``theta`` (Kahan's bound; Parlett, *The Symmetric
+    Eigenvalue Problem*, Thm. 4.5.1; :mod:`flatminima.hessian._lanczos`), so every returned value
+    is within relative ``tol`` of an eigenvalue.
 
-    ``data`` is one ``(x, y)`` batch or an iterable of batches; the Hessian is that of the
-    size-weighted mean loss over all of them. ``params`` restricts it to a parameter subset
-    (a list of names, a predicate on the name, ``"last_layer"``, ``"weights"``, ``"no_norm"``);
-    ``curvature="ggn"`` uses the Gauss-Newton matrix. Eval mode unless ``train=True``.
-    At most ``max_basis`` Lanczos vectors of the selected size are held; past that the iteration
-    is thick-restarted (Wu & Simon 2000; :mod:`flatminima.hessian._restart`), which keeps the
-    ``k + (max_basis - k) // 2`` best Ritz vectors and costs extra products only when the basis
-    would have grown beyond the cap. The default is as many as fit a quarter of the memory
-    available on the parameters' device (counting the copy made at a restart), at least
-    ``2 k + 8``: a small model never restarts, and a large one (a 36.5M-parameter WideResNet
-    needs 146 MB per vector) cannot run out of memory at ``max_iter``. Over several batches
-    the gradient graphs of all of them are kept when they fit a quarter of the available memory
-    (else rebuilt per product), and for a last layer (or any subset owned by the module that
-    produces the output) the network below it runs once, not once per product: see
-    :class:`flatminima.hessian.CurvatureOperator`.
+    Args:
+        model, loss_fn, data: the objective; ``data`` is one ``(x, y)`` batch or an iterable of
+            batches, ``loss_fn(outputs, targets)`` a mean (``None``: cross-entropy).
+        k: how many eigenvalues, ``1 <= k <=`` the number of selected parameters.
+        params: the parameter subset (``None``: all trainable; a list of names, a predicate on
+            the name, ``"last_layer"``, ``"weights"``, ``"no_norm"``).
+        generator: draws the Rademacher start vectors.
+        tol: relative residual tolerance, ``> 0``.
+        max_iter: at most this many Lanczos steps (products) per run, ``>= k``.
+        which: ``"largest"`` (algebraic) or ``"magnitude"`` (largest ``|lambda|``, still
+            returned largest first).
+        curvature: ``"hessian"`` or ``"ggn"`` (the Gauss-Newton matrix).
+        mode: how products are computed (see :class:`flatminima.hessian.CurvatureOperator`).
+        train: measure in train mode (default eval mode; buffers are restored either way).
+        max_basis: at most this many Lanczos vectors are held; past that the iteration is
+            thick-restarted (Wu & Simon 2000). Default: as many as fit a quarter of the memory
+            available on the parameters' device, at least ``2 k + 8``.
+        starts: independent runs; position by position the largest value found is returned.
+        start: the first run's start vector, ``"auto"``, ``"random"`` or ``"gradient"``.
 
-    The NRS paper (Zhao & Zhang 2022, Table 3) reports the top eigenvalue of the last layer::
+    Returns:
+        A tensor of shape ``(k,)`` in the parameters' dtype, on the CPU, sorted descending. Each
+        value is a lower bound of the eigenvalue of its rank (Cauchy interlacing; for
+        ``which="magnitude"``, of its rank at its end of the spectrum).
 
-        lam = fm.hessian.eigenvalues(model, F.cross_entropy, loader, k=1, params="last_layer")
+    Raises:
+        ValueError: ``k``, ``max_iter``, ``starts`` or ``max_basis`` not integers in range, ``k``
+            above the number of selected parameters, ``max_iter < k``, ``tol <= 0``, an unknown
+            ``start``, ``which``, ``curvature`` or ``mode``, a selection that matches nothing,
+            empty ``data``, or a call inside ``torch.inference_mode()``.
 
-    Lanczos from one start vector sees each distinct eigenvalue once. When its Krylov space
-    closes (to within the tolerance: products carry rounding) it continues in the orthogonal
-    complement, block after block while a copy found there could still change the wanted
-    values, so the copies of a repeated eigenvalue are found where the space closes before the
-    wanted values converge: an operator with few distinct eigenvalues, such as a linear last
-    layer under mean squared error, whose Hessian is ``A (x) I_c`` (all three copies of each
-    eigenvalue in float64; in float32 rounding kept that space from closing and the third copy
-    was missed; a ``tol`` below the products' rounding, 1e-10 there, cannot tell a closed space
-    from a converged one either). Over a spectrum with many distinct eigenvalues an exactly
-    repeated top eigenvalue is reported once: no single-vector method can see its copies.
-    Nearly repeated eigenvalues converge more slowly (as for any single-vector method).
+    Example (the NRS paper's measure, Zhao & Zhang 2022, Table 3: the top eigenvalue of the last
+    layer)::
 
-    What the stopping rule cannot certify (no Krylov method can) is that no eigenvalue was
-    skipped: an eigenvector the start vector barely touches, typically one inside a tight cluster,
-    may still be unseen when the wanted Ritz values have converged, and the next eigenvalue then
-    takes its place. The error is always downwards: by Cauchy interlacing the ``i``-th largest
-    Ritz value is at most the ``i``-th largest eigenvalue. On an untrained CNN of
-    ``benchmarks/hessian.py`` (top eigenvalues 9.81, 9.28, 9.15, 9.00, 8.95, 8.68) one of eight
-    start vectors returned 8.68 in place of 8.95 for ``k=5``. ``starts=s`` repeats the run from
-    ``s`` independent start vectors and returns, position by position, the largest value found
-    (for ``which="magnitude"``, the largest positive and the most negative ones), which is still a
-    lower bound of the same eigenvalue and misses only where every run missed.
+        g = torch.Generator().manual_seed(0)
+        lam = fm.hessian.eigenvalues(model, F.cross_entropy, loader, k=1, params="last_layer",
+                                     generator=g)
 
-    ``start`` picks the first run's start vector (see :func:`start_vector`): ``"random"``, a
-    Rademacher vector; ``"gradient"``, that vector plus the loss gradient at half its length
-    (the gradient of a trained network lies mostly in the top eigenspace, Gur-Ari et al. 2018);
-    ``"auto"`` (default), ``"gradient"`` for the single largest eigenvalue (``k=1``,
-    ``which="largest"``) and ``"random"`` otherwise. Measured (``benchmarks/hessian.py``, tol
-    1e-3): for ``k=1`` the gradient start took a trained CNN from 5-6 products to 4 (one batch
-    and four; 8 of 8 start vectors) and its last layer from 9 to 8, left an MLP at 8 and a
-    ResNet-18 at 6; all within 5e-5 of the eigenvalue, as were 8 of 8 runs on an untrained CNN
-    whose top eigenvalues are 5% apart. For ``k=5`` it saved at most a product, and one of
-    eight runs on the trained CNN skipped an eigenvalue that no random start skipped (the
-    gradient favours some of the top eigenvectors, which then converge before an unfavoured
-    one has appeared), hence random starts there. The stopping rule's guarantee and the lower
-    bounds hold for any start vector; the random part keeps every eigenvector in this one, as
-    in a random start. Further runs (``starts > 1``) always start from Rademacher vectors.
+    Notes:
+        *Memory and restarts.* A thick restart (:mod:`flatminima.hessian._restart`) keeps the
+        ``k + (max_basis - k) // 2`` best Ritz vectors and costs extra products only when the
+        basis would have grown beyond the cap. The default cap counts the copy made at a restart:
+        a small model never restarts, and a large one (a 36.5M-parameter WideResNet needs 146 MB
+        per vector in float32) cannot run out of memory at ``max_iter``. Over several batches
+        the gradient graphs of all of them are kept when they fit a quarter of the available
+        memory (else rebuilt per product), and for a last layer (or any subset owned by the
+        module that produces the output) the network below it runs once, not once per product:
+        see :class:`flatminima.hessian.CurvatureOperator`.
+
+        *Start vectors.* ``"random"`` is a Rademacher vector; ``"gradient"`` is that vector plus
+        the loss gradient at half its length (the gradient of a trained network lies mostly in
+        the top eigenspace, Gur-Ari et al. 2018; see :func:`start_vector`); ``"auto"`` is
+        ``"gradient"`` for the single largest eigenvalue (``k=1``, ``which="largest"``) and
+        ``"random"`` otherwise. At tol 1e-3 on the models of ``benchmarks/hessian.py``
+        (``benchmarks/results/hessian.md``, section 2j) the gradient start took a trained CNN
+        from 5-6 products to 4 for ``k=1`` (one batch and four; 8 of 8 start vectors) and its
+        last layer from 9 to 8, left an MLP at 8 and a ResNet-18 at 6, all within 5e-5 of the
+        eigenvalue, as were 8 of 8 runs on an untrained CNN whose top eigenvalues are 5% apart.
+        For ``k=5`` it saved at most a product, and one of eight runs on the trained CNN skipped
+        an eigenvalue that no random start skipped (the gradient favours some of the top
+        eigenvectors, which then converge before an unfavoured one has appeared), hence random
+        starts there. The stopping rule's guarantee and the lower bounds hold for any start
+        vector; the random part keeps every eigenvector in this one, as in a random start.
+        Further runs (``starts > 1``) always start from Rademacher vectors.
+
+        *Repeated eigenvalues.* Lanczos from one start vector sees each distinct eigenvalue
+        once. When its Krylov space closes (to within the tolerance: products carry rounding) it
+        continues in the orthogonal complement, block after block while a copy found there
+        could still change the wanted values, so the copies of a repeated eigenvalue are found
+        where the space closes before the wanted values converge: an operator with few distinct
+        eigenvalues, such as a linear last layer under mean squared error, whose Hessian is
+        ``A (x) I_c`` (all three copies of each eigenvalue in float64; in float32 rounding kept
+        that space from closing and the third copy was missed; a ``tol`` below the products'
+        rounding, 1e-10 there, cannot tell a closed space from a converged one either). Over a
+        spectrum with many distinct eigenvalues an exactly repeated top eigenvalue is reported
+        once: no single-vector method can see its copies. Nearly repeated eigenvalues converge
+        more slowly (as for any single-vector method).
+
+        *Skipped eigenvalues.* What the stopping rule cannot certify (no Krylov method can) is
+        that no eigenvalue was skipped: an eigenvector the start vector barely touches,
+        typically one inside a tight cluster, may still be unseen when the wanted Ritz values
+        have converged, and the next eigenvalue then takes its place. The error is always
+        downwards: by Cauchy interlacing the ``i``-th largest Ritz value is at most the ``i``-th
+        largest eigenvalue. On an untrained CNN of ``benchmarks/hessian.py`` (top eigenvalues
+        9.81, 9.28, 9.15, 9.00, 8.95, 8.68; ``benchmarks/results/hessian.md``, section 2g) one
+        of eight start vectors returned 8.68 in place of 8.95 for ``k=5``. ``starts=s`` repeats
+        the run from ``s`` independent start vectors and returns, position by position, the
+        largest value found (for ``which="magnitude"``, the largest positive and the most
+        negative ones), which is still a lower bound of the same eigenvalue and misses only
+        where every run missed.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_positive_int(k, "k")
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(starts, int) or isinstance(starts, bool) or starts < 1:
-        raise ValueError(f"starts must be a positive integer, got {starts!r}")
-    if start not in STARTS:
-        raise ValueError(f"unknown start {start!r}; choose one of {STARTS}")
-    if max_basis is not None and (not isinstance(max_basis, int) or isinstance(max_basis, bool)):
-        raise ValueError(f"max_basis must be a positive integer, got {max_basis!r}")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    starts = check_positive_int(starts, "starts")
+    check_choice(start, STARTS, "start")
+    max_basis = check_optional_positive_int(max_basis, "max_basis")
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
         if k > op.size:

@@ -4,8 +4,9 @@ In eval mode ``BatchNorm`` computes ``y = (x - mu) / sqrt(var + eps) * gamma + b
 running statistics ``mu, var``: an affine map of ``x``, ``y = x * s + t`` with
 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mu * s``. PyTorch differentiates its fused
 kernel twice through a general double-backward that also carries the batch-statistics terms of
-train mode; writing the same function as ``x * s + t`` makes every Hessian-vector product about
-1.4x cheaper on a CNN with BatchNorm (``benchmarks/results/hessian.md``).
+train mode; writing the same function as ``x * s + t`` leaves only the elementwise products to
+differentiate, which makes every Hessian-vector product cheaper on a CNN with BatchNorm (measured
+in ``benchmarks/results/hessian.md``, section 1).
 
 Better still, when the BatchNorm's input is the output of a convolution or linear layer used by
 nothing else, the map folds into that layer (the inference-time "BN folding", here kept

@@ -22,8 +22,8 @@ Hessian-vector products come in two flavours (``mode=``):
   forward and backward with dual numbers, blocks of vectors through ``torch.func.vmap``.
 
 ``"auto"`` picks double-backward for the Hessian: on this project's CPU measurement
-(``benchmarks/results/hessian.md``) it beat forward-over-reverse both with the graph kept and
-rebuilt per product. The GGN is always computed with forward-mode ``jvp`` and ``vjp``.
+(``benchmarks/results/hessian.md``, section 1) it beat forward-over-reverse both with the graph
+kept and rebuilt per product. The GGN is always computed with forward-mode ``jvp`` and ``vjp``.
 
 Two caches make repeated products cheap without changing the operator:
 
@@ -52,6 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from flatminima._checks import check_callable, check_choice
+from flatminima._nn import LossFn, frozen_norm_stats, model_device, tracking_norm_layers
 from flatminima._params import (
     Batch,
     FlatParams,
@@ -59,7 +61,6 @@ from flatminima._params import (
     as_batches,
     batch_weights,
     measuring_mode,
-    model_device,
     select_params,
 )
 from flatminima.hessian._data_conv import data_convolutions
@@ -67,7 +68,6 @@ from flatminima.hessian._eval_norm import affine_batchnorm, eval_batchnorms, fin
 from flatminima.hessian._piecewise import lean_piecewise_linear
 from flatminima.hessian._trunk import Trunk, capture_trunk
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 CURVATURES = ("hessian", "ggn")
 MODES = ("auto", "double_backward", "forward_over_reverse")
 
@@ -116,41 +116,19 @@ class _SavedBytes:
         return t
 
 
-def _tracking_train_norms(model: nn.Module) -> list[nn.Module]:
-    """The train-mode BatchNorm layers that would update their running statistics."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-            and m.track_running_stats]
-
-
-@contextlib.contextmanager
-def _batch_statistics_only(norms: list[nn.Module]):
-    """Train-mode BatchNorm without updating its running statistics: the outputs are the same
-    (train mode normalizes with the batch's statistics), and the in-place updates, which
-    ``torch.func`` transforms refuse, are skipped (the measurement restores buffers anyway)."""
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
 def _default_loss(loss_fn: LossFn | None) -> LossFn:
     if loss_fn is None:
         return torch.nn.functional.cross_entropy
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
-    return loss_fn
+    return check_callable(loss_fn, "loss_fn")
 
 
 class CurvatureOperator:
     """``v -> C v`` for the Hessian or GGN ``C`` of the size-weighted mean loss.
 
-    Build it once, then call :meth:`matvec` / :meth:`matmat` many times: the Lanczos, Hutch++
-    and SLQ routines of :mod:`flatminima.hessian` are written against this class. The model must
-    stay in the wanted mode (see :func:`flatminima._params.measuring_mode`) while it is used.
+    Build it once, then call :meth:`matvec` / :meth:`matmat` many times: the Lanczos, trace
+    (krylov, Hutch++, Hutchinson) and SLQ routines of :mod:`flatminima.hessian` are written
+    against this class. The model must stay in the wanted mode (see
+    :func:`flatminima._params.measuring_mode`) while it is used.
 
     Attributes: ``size`` (the dimension ``n``), ``flat`` (the name/shape layout), ``w0`` (the
     flat selected parameters), ``num_matvecs`` (products computed so far; a block of ``b``
@@ -183,10 +161,8 @@ class CurvatureOperator:
         lean_piecewise: bool = True,
         memory: int | None = None,
     ) -> None:
-        if curvature not in CURVATURES:
-            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
-        if mode not in MODES:
-            raise ValueError(f"unknown hvp mode {mode!r}; choose one of {MODES}")
+        check_choice(curvature, CURVATURES, "curvature")
+        check_choice(mode, MODES, "hvp mode")
         if torch.is_inference_mode_enabled():
             raise ValueError("Hessian measurements differentiate the loss: call them outside "
                              "torch.inference_mode() (torch.no_grad() is fine)")
@@ -211,8 +187,11 @@ class CurvatureOperator:
         # Eval-mode BatchNorm is an affine map: written as one, its double-backward is cheaper,
         # and folded into the layer before it, cheaper still.
         self._norms = eval_batchnorms(model) if affine_norms else []
-        # Found once: the model's modes stay as they are while the operator is used.
-        self._train_norms = _tracking_train_norms(model)
+        # Found once: the model's modes stay as they are while the operator is used. Train-mode
+        # BatchNorm then normalizes with batch statistics and updates no running statistic (an
+        # in-place write that torch.func transforms refuse). InstanceNorm's forward updates its
+        # statistics whatever the flag says, as it did before; the measurement restores buffers.
+        self._train_norms = tracking_norm_layers(model)
         self.folds = find_folds(model, self._norms, {**self.fixed, **detached},
                                 self.batches[0][0][:8]) if fold_norms else []
         # Convolutions of the data skip the input's second-order gradient, ReLU and max-pooling
@@ -245,7 +224,7 @@ class CurvatureOperator:
         convs = data_convolutions(self.model) if self.data_convs else none
         piecewise = lean_piecewise_linear() if self.lean_piecewise else none
         with affine_batchnorm(self._norms, self.folds), convs, piecewise, \
-                _batch_statistics_only(self._train_norms):
+                frozen_norm_stats(self._train_norms):
             if self.trunk is not None:
                 return self.trunk.outputs(params, i)
             return functional_call(self.model, {**self.fixed, **params}, (self.batches[i][0],))

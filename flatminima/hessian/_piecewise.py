@@ -5,8 +5,9 @@ by the forward pass (ReLU: ``g_x = g_y * [y > 0]``; 2D max-pooling: ``g_x`` scat
 the recorded argmax positions). The second derivative in the input is zero, and PyTorch's
 formulas for differentiating these backward passes say so by building a zero tensor of the
 activation's size (``zeros_like``) and adding it into the gradient that flows back: two full-size
-memory passes per layer and product, for nothing. On the MNIST CNN of ``benchmarks/hessian.py``
-a product costs 166 ms without them and 174 ms with them (``benchmarks/results/hessian.md``).
+memory passes per layer and product, for nothing; leaving them out makes a product cheaper on
+the MNIST CNN of ``benchmarks/hessian.py`` (measured in ``benchmarks/results/hessian.md``,
+section 1).
 
 :class:`_Relu` and :class:`_MaxPool2d` are the same functions with the backward written as an
 autograd Function whose own backward (a mask, a gather) is the only second-order term. Values
@@ -114,9 +115,9 @@ def _pool_geometry(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     return kernel, stride, list(_pair(padding)), list(_pair(dilation)), bool(ceil_mode)
 
 
-# Below this many elements the zero tensors cost less than the Python-level autograd Functions
-# (the benchmark's MLP, activations of 512 x 24: 0.59 ms per product through them against 0.50 ms
-# without, ``benchmarks/results/hessian.md``).
+# Below this many elements the zero tensors cost less than the Python-level autograd Functions:
+# on the benchmark's MLP (activations of 512 x 24) a product is slower through them than through
+# PyTorch's double-backward (measured in ``benchmarks/results/hessian.md``, section 1).
 MIN_NUMEL = 1 << 16
 
 _RELU = {F.relu, torch.relu, Tensor.relu}

@@ -22,7 +22,8 @@ They differ in how ``Q`` is found:
   and the other ``m/2`` products go to the remainder. A Krylov space of dimension ``q`` finds the
   extreme eigenvectors far better than a random sketch of ``q`` columns, so more of the variance
   is deflated with fewer products. Measured on a trained MLP's Hessian
-  (``benchmarks/results/hessian.md``) it has the smallest error of the three at every budget.
+  (``benchmarks/results/hessian.md``, section 3) it has the smallest error of the three at every
+  budget.
 
 The basis is held in memory (``m/2`` or ``m/3`` vectors of the parameter count, 14.6 GB for
 ``m = 200`` on a 36.5M-parameter model in float32), so it is capped at ``max_basis`` vectors, by
@@ -45,9 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flatminima._checks import check_choice, check_optional_positive_int, check_positive_int
+from flatminima._nn import LossFn
 from flatminima._params import ParamSpec, measuring_mode
 from flatminima.hessian._lanczos import lanczos, rademacher
-from flatminima.hessian._operator import CurvatureOperator, LossFn, vectors_that_fit
+from flatminima.hessian._operator import CurvatureOperator, vectors_that_fit
 
 TRACE_METHODS = ("krylov", "hutch++", "hutchinson")
 
@@ -205,15 +208,10 @@ def trace(
         t = fm.hessian.trace(model, F.cross_entropy, (x, y), num_matvecs=99)
         print(float(t), t.std_error)
     """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"unknown trace method {method!r}; choose one of {TRACE_METHODS}")
-    if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < 1:
-        raise ValueError(f"num_matvecs must be a positive integer, got {num_matvecs!r}")
-    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
-        raise ValueError(f"block must be a positive integer, got {block!r}")
-    if max_basis is not None and (not isinstance(max_basis, int) or isinstance(max_basis, bool)
-                                  or max_basis < 0):
-        raise ValueError(f"max_basis must be a non-negative integer, got {max_basis!r}")
+    check_choice(method, TRACE_METHODS, "trace method")
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    block = check_optional_positive_int(block, "block")
+    max_basis = check_optional_positive_int(max_basis, "max_basis", minimum=0)
     with measuring_mode(model, train):
         op = CurvatureOperator(model, loss_fn, data, params, curvature=curvature, mode=mode)
         if max_basis is None:
