@@ -6,7 +6,9 @@ library's plumbing (no ``functional_call`` offsets, no RNG replay, no micro-batc
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 Params = dict[str, Tensor]
+
+
+def _load_example_method() -> None:
+    """Register the README's worked example of a method added in one file (``gaussian_rpr``), so
+    that every test parametrized over the registry covers it too."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "gaussian_rpr.py"
+    spec = importlib.util.spec_from_file_location("examples_gaussian_rpr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+_load_example_method()
 
 
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -62,7 +76,7 @@ def ref_grad(name: str, hp: dict, model: nn.Module, x: Tensor, y: Tensor, us: li
     gL = grad(L)
     if name == "baseline":
         return gL(w)
-    if name in ("rpr", "smoothout", "adasmoothout"):
+    if name in ("rpr", "smoothout", "adasmoothout", "gaussian_rpr"):
         return gL(add(w, us[0]))
     if name == "nrs":
         u, alpha = us[0], hp["alpha"]
@@ -111,5 +125,6 @@ TEST_HPARAMS: dict[str, dict] = {
     "smoothout": {"a": 0.1},
     "adasmoothout": {"a": 0.1},
     "rwp": {"gamma": 0.1, "mix": 0.6},
+    "gaussian_rpr": {"sigma": 0.1},
 }
-NOISY = ("rpr", "nrs", "nso", "smoothout", "adasmoothout", "rwp")
+NOISY = ("rpr", "nrs", "nso", "smoothout", "adasmoothout", "rwp", "gaussian_rpr")

@@ -7,14 +7,26 @@ Every method computes the gradient of its objective at the current weights and a
     result = method.backward(model, x, y)      # loss_fn defaults to cross-entropy
     opt.step(); opt.zero_grad(set_to_none=True)
 
-``create_method(name, **hparams)`` builds one by its registry name (``list_methods()``).
+``create_method(name, **hparams)`` builds one by its registry name (``list_methods()``). Each
+method lives in its own module here and registers itself with ``@register_method``; every module
+of this package is imported below, so a method added in a new file needs no other edit.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import pkgutil
 
-from flatminima.methods._base import Method, StepResult
+from flatminima.methods._base import Method, RandomPerturbation
+from flatminima.methods._hparams import argument, hparam, option
+from flatminima.methods._passes import MicroBatch, Pass, Passes, StepResult, weighted_gradient
+from flatminima.methods._registry import (
+    METHODS,
+    create_method,
+    list_methods,
+    method_class,
+    register_method,
+)
 from flatminima.methods.baseline import Baseline
 from flatminima.methods.nrs import NRS
 from flatminima.methods.nso import NSO
@@ -23,28 +35,13 @@ from flatminima.methods.rwp import RWP
 from flatminima.methods.sam import ASAM, SAM
 from flatminima.methods.smoothout import AdaSmoothOut, SmoothOut
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Baseline, RPR, NRS, SAM, ASAM, NSO, SmoothOut, AdaSmoothOut, RWP)
-}
-
-
-def list_methods() -> list[str]:
-    """Registry names of all methods."""
-    return list(METHODS)
-
-
-def create_method(name: str, **hparams: Any) -> Method:
-    """Build a method by registry name; unknown names or arguments raise ``ValueError``."""
-    key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    try:
-        return METHODS[key](**hparams)
-    except TypeError as e:
-        raise ValueError(f"bad argument for method {name!r}: {e}") from None
-
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Method", "StepResult", "Baseline", "RPR", "NRS", "SAM", "ASAM", "NSO", "SmoothOut",
-    "AdaSmoothOut", "RWP", "METHODS", "list_methods", "create_method",
+    "Method", "RandomPerturbation", "StepResult", "Passes", "MicroBatch", "Pass",
+    "weighted_gradient", "hparam", "option", "argument", "register_method", "method_class",
+    "Baseline", "RPR", "NRS", "SAM", "ASAM", "NSO", "SmoothOut", "AdaSmoothOut", "RWP",
+    "METHODS", "list_methods", "create_method",
 ]

@@ -1,184 +1,46 @@
-"""Shared plumbing of the gradient estimators.
+"""The method base classes: a gradient estimator, and one with a random perturbation.
 
-A method never touches the weights in place. A perturbed pass evaluates the model through
-``torch.func.functional_call`` at ``w + v`` (``v`` detached), so
+A method computes the gradient of its objective at the current weights and accumulates it into
+``p.grad``; it never moves the weights. Its passes go through the one pass primitive
+(:mod:`flatminima.methods._passes`), which owns the guarantees every method gives (weights
+untouched, statistics updated once, dropout masks replayed, micro-batches, scaler, DDP); its
+arguments are declared once (:mod:`flatminima.methods._hparams`). A new method is one file::
 
-* the weights are bitwise the same after every call, whatever the method did;
-* ``d/dw L(f(w + v)) = grad L(w + v)``, and NRS can backpropagate through the clean and the
-  perturbed branch of one objective without an in-place change breaking autograd;
-* the gradient lands in ``p.grad`` of the real parameters, where any optimizer, scaler, gradient
-  clipping or ``DistributedDataParallel`` hook expects it.
+    @register_method("gaussian_rpr")
+    class GaussianRPR(RandomPerturbation):
+        sigma = hparam(0.01, check_nonneg, "noise std")
 
-Per call, in every method:
+        def default_noise(self):
+            return fm.noise.Sampler(self.sigma, "gaussian", "element", relative=False)
 
-* BatchNorm running statistics are updated by the clean pass only: perturbed passes run with
-  ``track_running_stats`` switched off, so they normalize with batch statistics (as in training) and
-  leave the buffers (and ``num_batches_tracked``, which ``momentum=None`` uses) untouched.
-* Dropout draws the same masks in every pass over the same micro-batch (the global RNG is replayed),
-  so NRS's divergence and SAM's ascent measure the weight perturbation, not dropout noise.
-* Micro-batches (lists of inputs/targets) share one perturbation; micro-batch ``m`` enters with
-  weight ``n_m / N``, so with a mean-reduced ``loss_fn`` the accumulated gradient is the full-batch
-  one.
-* Under ``DistributedDataParallel`` every forward but the last runs in ``no_sync()``, so gradients
-  are all-reduced once per call.
-* With ``scaler=`` every backward is scaled; gradients a method reads back (SAM's ascent) are
-  unscaled, and a non-finite value there poisons ``p.grad`` so that ``scaler.step`` skips the step.
+        def _backward(self, step, generator):
+            u = self.draw(step, generator)
+            return weighted_gradient(step, lambda mb: [(0.0, None), (1.0, u)])
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from flatminima import noise as noise_lib
+from flatminima._checks import check_bool, check_callable
+from flatminima._nn import LossFn
+from flatminima._params import ParamSpec, freeze_selection, select_params
+from flatminima.methods import _hparams
+from flatminima.methods._hparams import HParam, argument, option
+from flatminima.methods._passes import Passes, StepResult
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Term = tuple[float, "Mapping[str, Tensor] | None"]
-Batch = tuple[Tensor, Tensor]
-
-
-@dataclass
-class StepResult:
-    """What ``Method.backward`` returns.
-
-    ``loss``: clean loss at ``w`` (0-d, detached; size-weighted mean over micro-batches).
-    ``logits``: detached clean outputs, concatenated over micro-batches (``None`` if not computed).
-    ``perturbed_loss``: mean loss at the perturbed weights, where the method has one.
-    ``divergence``: NRS's ``KL(f_w || f_{w+u})`` term (before ``alpha``), where computed.
-    """
-
-    loss: Tensor
-    logits: Tensor | None = None
-    perturbed_loss: Tensor | None = None
-    divergence: Tensor | None = None
+NoiseFn = Callable[[dict[str, Tensor], "torch.Generator | None"], dict[str, Tensor]]
 
 
-# ----------------------------------------------------------------------------- argument checks
-
-
-def check_nonneg(value: Any, name: str) -> float:
-    """``value`` as a finite float ``>= 0``, or ``ValueError`` naming it."""
-    return noise_lib.check_radius(value, name)
-
-
-def check_unit_interval(value: Any, name: str) -> float:
-    f = check_nonneg(value, name)
-    if f > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return f
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def split_micro_batches(inputs: Any, targets: Any) -> list[Batch]:
-    """Normalize ``inputs, targets`` to a list of ``(x, y)`` micro-batches."""
-    if isinstance(inputs, (list, tuple)) or isinstance(targets, (list, tuple)):
-        if not isinstance(inputs, (list, tuple)) or not isinstance(targets, (list, tuple)):
-            raise ValueError("inputs and targets must both be tensors or both be lists")
-        if len(inputs) != len(targets):
-            raise ValueError(
-                f"got {len(inputs)} input micro-batches but {len(targets)} target micro-batches"
-            )
-        if len(inputs) == 0:
-            raise ValueError("empty list of micro-batches")
-        return list(zip(inputs, targets, strict=True))
-    return [(inputs, targets)]
-
-
-def batch_size(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return x.shape[0] if x.dim() > 0 else 1
-    if isinstance(x, (list, tuple)) and x:
-        return batch_size(x[0])
-    if isinstance(x, Mapping) and x:
-        return batch_size(next(iter(x.values())))
-    raise ValueError(f"cannot infer the batch size of inputs of type {type(x).__name__}")
-
-
-# ----------------------------------------------------------------------------- model plumbing
-
-
-def forward_at(model: nn.Module, x: Any, offsets: Mapping[str, Tensor] | None) -> Tensor:
-    """``f_{w+v}(x)``: the model evaluated with ``v = offsets[name]`` added to named parameters.
-
-    The offsets are constants; gradients flow to the real parameters. ``None`` is the clean pass.
-    """
-    if not offsets:
-        return model(x)
-    params = dict(model.named_parameters())
-    moved = {n: params[n] + v for n, v in offsets.items()}
-    return functional_call(model, moved, (x,), strict=False)
-
-
-def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training
-    ]
-
-
-@contextlib.contextmanager
-def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
-    """Run training-mode forwards that use batch statistics but update no running statistics.
-
-    Works for BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm with tracked stats, also with
-    ``momentum=None`` (``num_batches_tracked`` is not incremented either).
-    """
-    layers = _norm_layers(model)
-    for m in layers:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
-
-
-class RngReplay:
-    """Snapshot of the global RNGs (CPU and the model's accelerator) to replay dropout masks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accel is not None:
-            torch.cuda.set_rng_state(self.accel, self.device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
-    """``model.no_sync()`` for every pass but the last, so DDP all-reduces once per call."""
-    if sync or not is_ddp(model):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def run_backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+def _check_selection(value: Any, name: str) -> ParamSpec:
+    return freeze_selection(value)
 
 
 def poison_grads(params: Sequence[Tensor]) -> None:
@@ -188,11 +50,6 @@ def poison_grads(params: Sequence[Tensor]) -> None:
             p.grad = torch.zeros_like(p)
         p.grad.view(-1)[0] = float("inf")
         return
-
-
-def weighted_sum(values: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``sum_i weights[i] * values[i]`` of detached scalars, in the values' own dtype."""
-    return torch.stack([v.detach() * w for v, w in zip(values, weights, strict=True)]).sum()
 
 
 def broadcast_noise(u: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -205,23 +62,39 @@ def broadcast_noise(u: dict[str, Tensor]) -> dict[str, Tensor]:
     return u
 
 
-# ----------------------------------------------------------------------------- base class
-
-
 class Method:
     """A gradient estimator: ``backward`` accumulates the gradient of its objective into ``p.grad``.
 
-    Subclasses implement ``_backward``; the hyperparameters are plain attributes listed in
-    ``_hparam_names`` and are validated by ``_validate`` at construction and on every call, so a
-    schedule may change them between steps.
+    Subclasses declare their arguments as class attributes (:func:`hparam`, :func:`option`,
+    :func:`argument`) and implement ``_backward(step, generator)`` on a :class:`Passes`. The
+    hyperparameters are plain attributes, checked at construction and on every call, so a
+    schedule may change them between steps (``method.rho = 0.1``).
     """
 
-    name: str = "method"
-    _hparam_names: tuple[str, ...] = ()
+    name: ClassVar[str] = "method"
+    declared: ClassVar[dict[str, HParam]] = {}
 
-    def __init__(self, *, params: Any = None, share_noise: bool = False) -> None:
-        self.params = params
-        self.share_noise = bool(share_noise)
+    params = argument(None, _check_selection,
+                      "which parameters are perturbed: None (all trainable), a list of names, a "
+                      "predicate, 'weights', 'no_norm' or 'last_layer'.",
+                      convert=freeze_selection)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.declared = _hparams.collect(cls)
+        cls.__signature__ = _hparams.signature(cls.declared)  # type: ignore[attr-defined]
+        if cls.__doc__ and "Args:" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n" + _hparams.describe(cls.declared) + "\n"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = type(self).__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}(): {e}") from None
+        for name, decl in self.declared.items():
+            setattr(self, name, bound.arguments.get(name, decl.default))
+        self._last_layer: tuple[weakref.ref[nn.Module], tuple[str, ...]] | None = None
+        self._validate()
 
     # -- public API --------------------------------------------------------------------------
 
@@ -235,23 +108,30 @@ class Method:
         scaler: torch.amp.GradScaler | None = None,
         generator: torch.Generator | None = None,
     ) -> StepResult:
-        """Accumulate the gradient of this method's objective into ``p.grad``; see the class doc."""
+        """Accumulate the gradient of this method's objective into ``p.grad``; see the class doc.
+
+        ``inputs``/``targets`` are tensors or equal-length lists of micro-batches; ``loss_fn``
+        returns the batch mean; ``scaler`` a ``torch.amp.GradScaler``; ``generator`` drives the
+        random perturbation.
+        """
         self._validate()
-        micro = split_micro_batches(inputs, targets)
-        sizes = [batch_size(x) for x, _ in micro]
-        total = float(sum(sizes))
-        weights = [n / total for n in sizes]
-        return self._backward(model, micro, weights, loss_fn, scaler, generator)
+        return self._backward(Passes(model, inputs, targets, loss_fn, scaler), generator)
+
+    @classmethod
+    def config_keys(cls) -> dict[str, HParam]:
+        """The arguments a configuration file or the command line may set, by name."""
+        return {n: d for n, d in cls.declared.items() if d.kind != "argument"}
 
     def hparams(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._hparam_names}
+        return {n: getattr(self, n) for n, d in self.declared.items() if d.kind == "hparam"}
 
     def state_dict(self) -> dict[str, Any]:
         """The hyperparameters (methods keep no other state between calls)."""
         return dict(self.hparams())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - set(self._hparam_names)
+        known = self.hparams()
+        unknown = set(state) - set(known)
         if unknown:
             raise ValueError(f"unknown {self.name} hyperparameter {sorted(unknown)[0]!r}")
         for k, v in state.items():
@@ -265,91 +145,59 @@ class Method:
     # -- for subclasses ----------------------------------------------------------------------
 
     def _validate(self) -> None:
-        """Check hyperparameters; raise ``ValueError`` naming the bad value."""
+        """Check every declared argument; ``ValueError`` names the bad one."""
+        for name, decl in self.declared.items():
+            decl.validated(getattr(self, name))
 
-    def _backward(
-        self,
-        model: nn.Module,
-        micro: list[Batch],
-        weights: list[float],
-        loss_fn: LossFn,
-        scaler: torch.amp.GradScaler | None,
-        generator: torch.Generator | None,
-    ) -> StepResult:
+    def _backward(self, step: Passes, generator: torch.Generator | None) -> StepResult:
         raise NotImplementedError
 
-    def _perturbed_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return noise_lib.named_trainable_params(model, self.params)
+    def selected_params(self, step: Passes) -> dict[str, nn.Parameter]:
+        """The parameters ``params=`` selects on this call's model (a ``ValueError`` if none).
 
-    def _draw(
-        self,
-        noise_fn: Callable[..., dict[str, Tensor]],
-        params: dict[str, nn.Parameter],
-        generator: torch.Generator | None,
+        ``"last_layer"`` is found once per model (a forward pass with hooks on two examples).
+        """
+        model = step.model
+        if self.params != "last_layer":
+            return select_params(model, self.params)
+        if self._last_layer is None or self._last_layer[0]() is not model:
+            x = step.micro_batches[0].inputs
+            names = tuple(select_params(model, "last_layer", x))
+            self._last_layer = (weakref.ref(model), names)
+        return select_params(model, list(self._last_layer[1]))
+
+
+class RandomPerturbation(Method):
+    """A method whose perturbation ``u`` is random: it takes ``noise=`` and ``share_noise=``.
+
+    ``noise`` is a callable ``(params: dict[str, Tensor], generator) -> dict[str, Tensor]``;
+    without it :meth:`default_noise` builds the method's own distribution from its
+    hyperparameters, anew on every call so that a schedule may change them.
+    """
+
+    noise = argument(None, lambda v, n: check_callable(v, n, optional=True),
+                     "a sampler (params, generator) -> {name: u}; overrides the default "
+                     "distribution.")
+    share_noise = option(False, check_bool,
+                         "under DDP, every rank uses rank 0's perturbation (default: each rank "
+                         "draws its own, the NRS paper's scheme).")
+
+    def default_noise(self) -> NoiseFn:
+        raise NotImplementedError
+
+    def noise_fn(self) -> NoiseFn:
+        return self.noise if self.noise is not None else self.default_noise()
+
+    def draw(
+        self, step: Passes, generator: torch.Generator | None, noise: NoiseFn | None = None
     ) -> dict[str, Tensor]:
-        """Draw one perturbation, checked for shape, detached, shared across ranks on request."""
-        detached = {n: p.detach() for n, p in params.items()}
-        u = noise_fn(detached, generator)
-        noise_lib.check_noise_output(u, params, noise_fn)
+        """One perturbation of the selected parameters: checked for names and shapes, detached,
+        rank 0's on every rank with ``share_noise``."""
+        params = self.selected_params(step)
+        noise = noise or self.noise_fn()
+        u = noise({n: p.detach() for n, p in params.items()}, generator)
+        noise_lib.check_noise_output(u, params, noise)
         u = {n: u[n].detach().to(dtype=p.dtype, device=p.device) for n, p in params.items()}
         if self.share_noise:
             u = broadcast_noise(u)
         return u
-
-
-# ----------------------------------------------------------------------------- weighted passes
-
-
-def weighted_passes(
-    model: nn.Module,
-    micro: list[Batch],
-    weights: list[float],
-    loss_fn: LossFn,
-    scaler: torch.amp.GradScaler | None,
-    terms: Sequence[Term] | Sequence[Sequence[Term]],
-    *,
-    per_micro_batch: bool = False,
-) -> StepResult:
-    """Accumulate ``sum_j c_j * grad L(w + v_j)`` for ``terms = [(c_j, v_j), ...]``.
-
-    With ``per_micro_batch=True``, ``terms[m]`` is the list for micro-batch ``m`` (SmoothOut's fresh
-    noise per ghost batch); otherwise every micro-batch shares ``terms``.
-
-    ``terms[0]`` must be the clean pass (``v_0 = None``); it runs first on each micro-batch, updates
-    the normalization statistics and gives the clean loss and logits. A pass with ``c_j = 0`` runs
-    without a graph (the clean pass of RPR, SmoothOut, NSO with ``lam = 0``). One autograd graph is
-    alive at a time.
-    """
-    plan = list(terms) if per_micro_batch else [terms] * len(micro)
-    if len(plan) != len(micro) or any(not t or t[0][1] is not None for t in plan):
-        raise ValueError("each micro-batch needs a term list starting with the clean pass")
-    active = [(m, j) for m, ts in enumerate(plan) for j, (c, _) in enumerate(ts) if c != 0.0]
-    last_active = active[-1] if active else None
-    clean_losses: list[Tensor] = []
-    pert_losses: list[Tensor] = []
-    pert_weights: list[float] = []
-    logits_out: list[Tensor] = []
-    for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
-        rng = RngReplay(model_device(model))
-        terms_m = plan[m]
-        perturbed_weight = sum(c for c, v in terms_m if v is not None)
-        for j, (c, v) in enumerate(terms_m):
-            rng.restore()
-            grad_needed = c != 0.0
-            stats = contextlib.nullcontext() if v is None else frozen_norm_stats(model)
-            sync = sync_context(model, (m, j) == last_active)
-            with sync, stats, torch.set_grad_enabled(grad_needed and torch.is_grad_enabled()):
-                out = forward_at(model, x, v)
-                loss = loss_fn(out, y)
-                if grad_needed:
-                    run_backward(loss * (c * w_m), scaler)
-            if v is None:
-                clean_losses.append(loss)
-                logits_out.append(out.detach())
-            elif perturbed_weight:
-                pert_losses.append(loss)
-                pert_weights.append(w_m * c / perturbed_weight)
-    logits = torch.cat(logits_out) if len(logits_out) > 1 else logits_out[0]
-    clean_loss = weighted_sum(clean_losses, weights)
-    perturbed = weighted_sum(pert_losses, pert_weights) if pert_losses else None
-    return StepResult(clean_loss, logits, perturbed)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from flatminima.methods._base import Method
+from flatminima.methods._passes import Passes, StepResult, weighted_gradient
+from flatminima.methods._registry import register_method
 
-from flatminima.methods._base import Method, StepResult, weighted_passes
 
-
+@register_method("baseline")
 class Baseline(Method):
     """``grad L(w)``: one forward/backward, the reference every other method is compared with.
 
@@ -17,10 +18,5 @@ class Baseline(Method):
         opt.step(); opt.zero_grad()
     """
 
-    name = "baseline"
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-
-    def _backward(self, model, micro, weights, loss_fn, scaler, generator) -> StepResult:
-        return weighted_passes(model, micro, weights, loss_fn, scaler, [(1.0, None)])
+    def _backward(self, step: Passes, generator) -> StepResult:
+        return weighted_gradient(step, lambda mb: [(1.0, None)])

@@ -10,54 +10,53 @@ step; the gradient flows through both branches, ``f_w`` and ``f_{w+u}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import torch
 from torch import Tensor
 
-from flatminima.divergence import kl_divergence
-from flatminima.methods._base import (
-    Method,
-    RngReplay,
-    StepResult,
-    check_nonneg,
-    forward_at,
-    frozen_norm_stats,
-    model_device,
-    run_backward,
-    sync_context,
-    weighted_sum,
-)
-from flatminima.methods.rpr import RandomPerturbationMixin
+from flatminima._checks import check_bool, check_nonneg
+from flatminima._kl import kl_divergence
+from flatminima.methods._hparams import hparam
+from flatminima.methods._neighbourhood import Neighbourhood
+from flatminima.methods._passes import Passes, StepResult
+from flatminima.methods._registry import register_method
 
 
-class NRS(RandomPerturbationMixin, Method):
+def check_logits(outputs: Tensor) -> None:
+    """NRS's divergence compares class distributions: refuse outputs that are not logits over
+    classes in the last dimension (one output has a KL of 0 to every other: silently no term)."""
+    if outputs.dim() == 0 or outputs.shape[-1] < 2:
+        raise ValueError(
+            f"NRS needs logits over at least 2 classes in the last dimension (its divergence is "
+            f"a KL of softmax distributions); the model returned shape {tuple(outputs.shape)}"
+        )
+
+
+@register_method("nrs")
+class NRS(Neighbourhood):
     """Neighborhood Region Smoothing: ``grad [L(w) + alpha*KL(f_w || f_{w+u}) + L(w+u)]``.
 
     Zhao & Zhang, "Neighborhood Region Smoothing Regularization for Finding Flat Minima in Deep
-    Neural Networks", 2022. One ``u`` per call (per device under DDP: the paper's practical scheme),
-    shared by all micro-batches.
+    Neural Networks", 2022. One ``u`` per call (per device under DDP: the paper's practical
+    scheme), shared by all micro-batches.
 
-    The paper samples ``u`` in the ball ``B(0, rho)`` and then "normalizes u using w" (Algorithm 1,
-    step 8), without a formula in the text we have. Our default reads that as: ``u`` uniform in a
-    ball per filter whose radius is ``rho * ||w_filter||`` (``distribution="ball", scale="filter",
-    relative=True``), which is invariant to the per-filter rescaling that BatchNorm makes free and
-    matches the filter-wise normalization of the flatness literature (Li et al. 2018; Kwon et al.
-    2021).
-    ``scale="global"`` gives a single ball of radius ``rho * ||w||``, ``relative=False`` the literal
-    ``B(0, rho)``. Note that the objective sums two cross-entropies, so at equal learning rate its
-    gradient is about twice Baseline's; compare at tuned learning rates (DESIGN, "Fair
-    comparison").
+    The model's outputs must be **logits** over classes in the last dimension: the divergence is
+    ``KL(softmax f_w || softmax f_{w+u})``. A single output is a ``ValueError``; outputs that
+    are already probabilities (a softmax head) are not detected and give a wrong, much smaller
+    divergence: return the logits.
 
-    Args:
-        rho: neighbourhood radius, ``>= 0`` (paper's ImageNet setting 0.1).
-        alpha: weight of the model divergence, ``>= 0`` (paper: 1.0).
-        low_memory: never hold two autograd graphs at once. The KL gradient splits exactly into a
-            part through ``f_w`` (with ``f_{w+u}`` held constant) and a part through ``f_{w+u}``, so
-            the two branches are backpropagated one after the other; one extra forward pass
-            (no graph) provides the perturbed outputs the first branch needs. Same gradient.
-        noise, distribution, scale, relative, params, share_noise: as in ``RPR``.
+    The paper samples ``u`` in the ball ``B(0, rho)`` and then "normalizes u using w" (Algorithm
+    1, step 8), without a formula in the text we have. Our default reads that as: ``u`` uniform
+    in a ball per filter whose radius is ``rho * ||w_filter||`` (``distribution="ball",
+    scale="filter", relative=True``), which is invariant to the per-filter rescaling that
+    BatchNorm makes free and matches the filter-wise normalization of the flatness literature
+    (Li et al. 2018; Kwon et al. 2021). ``scale="global"`` gives a single ball of radius
+    ``rho * ||w||``, ``relative=False`` the literal ``B(0, rho)``. The objective sums two
+    cross-entropies, so at equal learning rate its gradient is about twice Baseline's: compare at
+    tuned learning rates, with the ``alpha=0`` and ``rho=0`` controls (README, "Traps").
+
+    ``low_memory=True`` never holds two autograd graphs at once. The KL gradient splits exactly
+    into a part through ``f_w`` (with ``f_{w+u}`` held constant) and a part through ``f_{w+u}``,
+    so the branches are backpropagated one after the other; one extra forward pass without a
+    graph gives the perturbed outputs the first branch needs. Same gradient.
 
     Example::
 
@@ -66,85 +65,35 @@ class NRS(RandomPerturbationMixin, Method):
         opt.step(); opt.zero_grad(set_to_none=True)
     """
 
-    name = "nrs"
-    _hparam_names = ("rho", "alpha", "distribution", "scale", "relative", "low_memory")
+    alpha = hparam(1.0, check_nonneg, "weight of the model divergence, >= 0 (paper: 1.0).")
+    low_memory = hparam(False, check_bool,
+                        "backpropagate the two branches one after the other (one more forward "
+                        "pass, one graph alive at a time); same gradient.", positional=False)
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        alpha: float = 1.0,
-        *,
-        low_memory: bool = False,
-        noise: Callable[..., dict[str, Tensor]] | None = None,
-        distribution: str = "ball",
-        scale: str = "filter",
-        relative: bool = True,
-        **kw: Any,
-    ) -> None:
-        super().__init__(**kw)
-        self._init_noise(rho, noise, distribution, scale, relative)
-        self.alpha = alpha
-        self.low_memory = bool(low_memory)
-        self._validate()
-
-    def _validate(self) -> None:
-        self._validate_noise()
-        check_nonneg(self.alpha, "alpha")
-
-    def _backward(self, model, micro, weights, loss_fn, scaler, generator) -> StepResult:
-        params = self._perturbed_params(model)
-        u = self._draw(self._noise_fn(), params, generator)
-        device = model_device(model)
+    def _backward(self, step: Passes, generator) -> StepResult:
+        u = self.draw(step, generator)
         alpha = float(self.alpha)
-        clean, pert, div, logits = [], [], [], []
-        last = len(micro) - 1
-        for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
-            rng = RngReplay(device)
+        divergences = []
+        for mb in step:
             if self.low_memory:
-                z1, l1, l2, kl = self._two_graphs_in_turn(model, x, y, u, w_m, alpha, loss_fn,
-                                                          scaler, rng, m == last)
+                # 1. perturbed outputs without a graph: the constant the clean branch's KL needs.
+                z2_const = mb.forward(u, grad=False, loss_weight=0.0).outputs
+                # 2. clean branch: L(w) + alpha * KL(f_w || const), backward, graph freed.
+                clean = mb.forward()
+                check_logits(clean.outputs)
+                kl = kl_divergence(clean.outputs, z2_const)
+                mb.backward(clean.loss + alpha * kl)
+                # 3. perturbed branch: alpha * KL(const || f_{w+u}) + L(w+u), backward.
+                pert = mb.forward(u, final=True)
+                mb.backward(alpha * kl_divergence(clean.outputs.detach(), pert.outputs)
+                            + pert.loss)
             else:
-                z1, l1, l2, kl = self._one_graph(model, x, y, u, w_m, alpha, loss_fn, scaler, rng,
-                                                 m == last)
-            clean.append(l1)
-            pert.append(l2)
-            div.append(kl)
-            logits.append(z1)
-        out = torch.cat(logits) if len(logits) > 1 else logits[0]
-        mean = weighted_sum
-        return StepResult(mean(clean, weights), out, mean(pert, weights), mean(div, weights))
-
-    @staticmethod
-    def _one_graph(model, x, y, u, w_m, alpha, loss_fn, scaler, rng, last):
-        # The clean forward runs outside DDP's reducer bookkeeping; the perturbed one (the last
-        # forward before the single backward) arms it, so the summed gradient is reduced once.
-        with sync_context(model, False):
-            z1 = forward_at(model, x, None)
-        rng.restore()
-        with sync_context(model, last), frozen_norm_stats(model):
-            z2 = forward_at(model, x, u)
-        l1, l2, kl = loss_fn(z1, y), loss_fn(z2, y), kl_divergence(z1, z2)
-        run_backward((l1 + alpha * kl + l2) * w_m, scaler)
-        return z1.detach(), l1.detach(), l2.detach(), kl.detach()
-
-    @staticmethod
-    def _two_graphs_in_turn(model, x, y, u, w_m, alpha, loss_fn, scaler, rng, last):
-        # 1. perturbed outputs without a graph: the constant the clean branch's KL gradient needs.
-        with torch.no_grad(), frozen_norm_stats(model):
-            z2_const = forward_at(model, x, u)
-        # 2. clean branch: L(w) + alpha * KL(f_w || const), backward, graph freed.
-        rng.restore()
-        with sync_context(model, False):
-            z1 = forward_at(model, x, None)
-            l1 = loss_fn(z1, y)
-            kl = kl_divergence(z1, z2_const)
-            run_backward((l1 + alpha * kl) * w_m, scaler)
-        z1 = z1.detach()
-        # 3. perturbed branch: alpha * KL(const || f_{w+u}) + L(w+u), backward.
-        rng.restore()
-        with sync_context(model, last), frozen_norm_stats(model):
-            z2 = forward_at(model, x, u)
-            l2 = loss_fn(z2, y)
-            run_backward((alpha * kl_divergence(z1, z2) + l2) * w_m, scaler)
-        return z1, l1.detach(), l2.detach(), kl.detach()
-
+                # One graph through both branches: the clean forward, then the perturbed one,
+                # the last before the single backward (the one DDP synchronizes on).
+                clean = mb.forward()
+                check_logits(clean.outputs)
+                pert = mb.forward(u, final=True)
+                kl = kl_divergence(clean.outputs, pert.outputs)
+                mb.backward(clean.loss + alpha * kl + pert.loss)
+            divergences.append(kl.detach())
+        return step.result(divergence=divergences)

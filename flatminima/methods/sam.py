@@ -2,49 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from flatminima.methods._base import (
-    Method,
-    RngReplay,
-    StepResult,
-    check_nonneg,
-    forward_at,
-    frozen_norm_stats,
-    model_device,
-    poison_grads,
-    run_backward,
-    sync_context,
-    weighted_sum,
-)
+from flatminima._checks import check_nonneg
+from flatminima.methods._base import Method, poison_grads
+from flatminima.methods._hparams import hparam
+from flatminima.methods._passes import Passes, StepResult
+from flatminima.methods._registry import register_method
 
 
+@register_method("sam")
 class SAM(Method):
     """``grad L(w + e)``, ``e = rho * g / ||g||``, ``g = grad L(w)`` (Foret et al., ICLR 2021).
 
     The ascent direction ``g`` comes from the full batch (all micro-batches), unscaled when a
-    ``GradScaler`` is used; the second pass at ``w + e`` accumulates into ``p.grad``. The first pass
-    updates the BatchNorm statistics, the second does not. Parameters outside ``params`` are not
-    perturbed but still receive their gradient at ``w + e``.
+    ``GradScaler`` is used; the second pass at ``w + e`` accumulates into ``p.grad``. The first
+    pass updates the BatchNorm statistics, the second does not. Parameters outside ``params``
+    are not perturbed but still receive their gradient at ``w + e``. A non-finite ascent
+    (float16 overflow) makes ``scaler.step`` skip the step.
 
-    Args:
-        rho: ascent radius, ``>= 0`` (paper: 0.05 on CIFAR).
-        params: which parameters are perturbed (``None``: all trainable).
+    Example::
+
+        method = fm.SAM(rho=0.05)
+        method.backward(model, x, y); opt.step(); opt.zero_grad()
     """
 
-    name = "sam"
-    _hparam_names: tuple[str, ...] = ("rho",)
-
-    def __init__(self, rho: float = 0.05, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.rho = rho
-        self._validate()
-
-    def _validate(self) -> None:
-        check_nonneg(self.rho, "rho")
+    rho = hparam(0.05, check_nonneg, "ascent radius, >= 0 (paper: 0.05 on CIFAR).")
 
     def _ascent(
         self, params: dict[str, nn.Parameter], grads: dict[str, Tensor]
@@ -53,69 +37,45 @@ class SAM(Method):
         scale = float(self.rho) / (float(norm) + 1e-12)
         return {n: g * scale for n, g in grads.items()}
 
-    def _backward(self, model, micro, weights, loss_fn, scaler, generator) -> StepResult:
-        params = self._perturbed_params(model)
+    def _backward(self, step: Passes, generator) -> StepResult:
+        params = self.selected_params(step)
         names, tensors = list(params), list(params.values())
-        device = model_device(model)
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        clean, logits, replays = [], [], []
-        inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
-        # Pass 1: the full-batch gradient at w, read back without touching p.grad.
-        for (x, y), w_m in zip(micro, weights, strict=True):
-            replays.append(RngReplay(device))
-            with sync_context(model, False):
-                out = forward_at(model, x, None)
-                loss = loss_fn(out, y)
-                scaled = loss * w_m if scaler is None else scaler.scale(loss * w_m)
-                gs = torch.autograd.grad(scaled, tensors, allow_unused=True)
-            for n, g in zip(names, gs, strict=True):
+        # Sweep 1: the full-batch gradient at w, read back without touching p.grad.
+        for mb in step:
+            clean = mb.forward()
+            for n, g in zip(names, mb.gradient(clean.loss, tensors), strict=True):
                 if g is not None:
-                    grads[n] += g * inv_scale
-            clean.append(loss.detach())
-            logits.append(out.detach())
+                    grads[n] += g
         overflow = not all(bool(torch.isfinite(g).all()) for g in grads.values())
-        if overflow:
-            e = None  # a non-finite ascent: skip the step (below) rather than step on garbage
-        else:
-            e = self._ascent(params, grads)
+        # A non-finite ascent: skip the step (below) rather than step on garbage; the second
+        # sweep still runs (at w) so that DDP reduces and every rank agrees on the skip.
+        e = ({n: torch.zeros_like(g) for n, g in grads.items()} if overflow
+             else self._ascent(params, grads))
         del grads
-        # Pass 2: accumulate grad L(w + e).
-        pert = []
-        last = len(micro) - 1
-        for m, ((x, y), w_m) in enumerate(zip(micro, weights, strict=True)):
-            replays[m].restore()
-            with sync_context(model, m == last), frozen_norm_stats(model):
-                loss = loss_fn(forward_at(model, x, e), y)
-                run_backward(loss * w_m, scaler)
-            pert.append(loss.detach())
+        # Sweep 2: accumulate grad L(w + e), dropout masks replayed from sweep 1.
+        for mb in step:
+            mb.backward(mb.forward(e, final=True).loss)
         if overflow:
             poison_grads(tensors)
-        out = torch.cat(logits) if len(logits) > 1 else logits[0]
-        return StepResult(weighted_sum(clean, weights), out, weighted_sum(pert, weights))
+        return step.result()
 
 
+@register_method("asam")
 class ASAM(SAM):
     """Adaptive SAM: ``e = rho * T_w^2 g / ||T_w g||``, ``T_w = |w| + eta`` (Kwon et al. 2021).
 
     As in the authors' code, the operator ``T_w`` acts on parameters whose name contains
-    ``"weight"`` (so biases are excluded, normalization scales included); every other parameter has
-    ``T = 1``. ASAM's ``rho`` is about 10x SAM's (paper: 0.5 with SGD on CIFAR-10).
+    ``"weight"`` (so biases are excluded, normalization scales included); every other parameter
+    has ``T = 1``. ASAM's ``rho`` is about 10x SAM's (paper: 0.5 with SGD on CIFAR-10).
 
-    Args:
-        rho: ascent radius in the rescaled space, ``>= 0``.
-        eta: keeps ``T_w`` away from zero, ``>= 0`` (paper: 0.01).
+    Example::
+
+        method = fm.ASAM(rho=0.5, eta=0.01)
     """
 
-    name = "asam"
-    _hparam_names = ("rho", "eta")
-
-    def __init__(self, rho: float = 0.5, eta: float = 0.01, **kw: Any) -> None:
-        self.eta = eta
-        super().__init__(rho, **kw)
-
-    def _validate(self) -> None:
-        super()._validate()
-        check_nonneg(self.eta, "eta")
+    rho = hparam(0.5, check_nonneg, "ascent radius in the rescaled space, >= 0.")
+    eta = hparam(0.01, check_nonneg, "keeps T_w away from zero, >= 0 (paper: 0.01).")
 
     def _ascent(
         self, params: dict[str, nn.Parameter], grads: dict[str, Tensor]
