@@ -83,7 +83,7 @@ def test_learning_rate_schedule_matches_closed_forms():
     assert lr_at(cos, 10, spe) == pytest.approx(0.4)  # cosine starts at the peak
     assert lr_at(cos, 30, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(cos, 49, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
-    step = Config(lr=1.0, epochs=10, schedule="step", milestones=[0.5, 8], gamma=0.1)
+    step = Config(lr=1.0, epochs=10, schedule="step", milestones=[0.5, 8], lr_gamma=0.1)
     assert [lr_at(step, e * 3, 3) for e in (0, 4, 5, 7, 8, 9)] \
         == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert lr_at(Config(lr=0.3, schedule="constant"), 123, 7) == 0.3

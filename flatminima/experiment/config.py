@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import types
@@ -60,7 +59,7 @@ class Config:
     count to be bitwise identical; 1 is fastest for tiny models on a loaded machine).
     Optimization: ``optimizer`` SGD (``momentum``, ``nesterov``; L2 ``weight_decay``) or AdamW
     (``momentum`` is beta1; decoupled ``weight_decay``), a per-step ``schedule`` (cosine / step
-    at ``milestones`` times ``gamma`` / constant) after ``warmup_epochs`` of linear warm-up,
+    at ``milestones`` times ``lr_gamma`` / constant) after ``warmup_epochs`` of linear warm-up,
     ``grad_clip`` on the global norm.
     """
 
@@ -87,7 +86,7 @@ class Config:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
+    lr_gamma: float = 0.1
     epochs: int = 20
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -164,7 +163,7 @@ def validate(cfg: Config) -> None:
     _in_range("momentum", cfg.momentum, 0, 1, hi_open=True)
     _in_range("weight_decay", cfg.weight_decay, 0)
     _in_range("warmup_epochs", cfg.warmup_epochs, 0)
-    _in_range("gamma", cfg.gamma, 0, 1)
+    _in_range("lr_gamma", cfg.lr_gamma, 0, 1)
     _in_range("label_noise", cfg.label_noise, 0, 1, hi_open=True)
     _in_range("val_split", cfg.val_split, 0, 1, hi_open=True)
     _in_range("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
@@ -196,38 +195,15 @@ def _check_registries(cfg: Config) -> None:
     cfg.hparams = check_hparams(cfg.method, cfg.hparams)
 
 
-def method_signature(method: str) -> dict[str, inspect.Parameter]:
-    """Hyperparameters the method's constructor accepts, by name."""
-    from flatminima import methods
+def method_signature(method: str) -> dict[str, Any]:
+    """The keys a config may set for ``method`` (its declared hyperparameters and options), each
+    with its declaration (``.default``, ``.type``, ``.doc``)."""
+    from flatminima.methods import method_class
 
-    cls = _method_class(methods, method)
-    out: dict[str, inspect.Parameter] = {}
-    # Follow ``**kw`` up the class tree: SAM(rho, **kw) also takes Method's keyword arguments.
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        for k, p in params.items():
-            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                out.setdefault(k, p)
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            break
-    return out
-
-
-def _method_class(methods: types.ModuleType, name: str) -> type:
-    registry = getattr(methods, "METHODS", None)
-    if isinstance(registry, Mapping) and name in registry:
-        return registry[name]
-    for cls_name in dir(methods):
-        cls = getattr(methods, cls_name)
-        if isinstance(cls, type) and cls_name.lower() == name:
-            return cls
-    raise ConfigError(f"method={name!r}: unknown")
-
-
-# Constructor arguments that are objects, not numbers or names: not settable from a config.
-_OBJECT_HPARAMS = ("noise", "params")
+    try:
+        return method_class(method).config_keys()
+    except ValueError:
+        raise ConfigError(f"method={method!r}: unknown") from None
 
 
 def check_hparams(method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,13 +213,11 @@ def check_hparams(method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     sig = method_signature(method)
     out: dict[str, Any] = {}
     for key, value in hparams.items():
-        if key not in sig or key in _OBJECT_HPARAMS:
-            allowed = ", ".join(k for k in sig if k not in _OBJECT_HPARAMS) or "none"
+        if key not in sig:
+            allowed = ", ".join(sig) or "none"
             raise ConfigError(f"unknown key {key!r}: neither a config field nor a hyperparameter "
                               f"of method {method!r} (it takes: {allowed})")
-        default = sig[key].default
-        hint = type(default) if default not in (inspect.Parameter.empty, None) else Any
-        out[key] = coerce(key, value, hint)
+        out[key] = coerce(key, value, sig[key].type)
     try:
         create_method(method, **out)
     except (TypeError, ValueError) as e:
@@ -352,9 +326,17 @@ def split_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+# Config fields renamed since a config could be saved, by old name (``gamma`` was the step
+# schedule's decay factor; RWP's noise scale is ``gamma`` too). Saved configs (checkpoints,
+# ``config.yaml``) are read with the old names mapped; on a command line the old name is the
+# method's, or an error naming the new field.
+_RENAMED = {"gamma": "lr_gamma"}
+
+
 def build_config(values: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from a flat or nested mapping (see the module doc)."""
     fields: dict[str, Any] = {}
+    method = str(values.get("method", Config.method))
     hparams: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
     for key, value in values.items():
@@ -368,8 +350,13 @@ def build_config(values: Mapping[str, Any]) -> Config:
         elif key.startswith("model.") or key.startswith("model_args."):
             model_args[key.split(".", 1)[1]] = value
         elif key in FIELDS:
+            if key in _method_keys(method):
+                raise ConfigError(f"{key!r} is ambiguous for method {method!r}: write "
+                                  f"method.{key}=... for the method's hyperparameter")
             fields[key] = value
         else:
+            if key in _RENAMED and key not in _method_keys(method):
+                raise ConfigError(f"unknown key {key!r}: it is now {_RENAMED[key]!r}")
             hparams[key] = value  # checked against the method's signature
     fields.setdefault("hparams", {})
     fields.setdefault("model_args", {})
@@ -379,6 +366,13 @@ def build_config(values: Mapping[str, Any]) -> Config:
         return Config(**fields)
     except TypeError as e:  # a field given the wrong structure
         raise ConfigError(_one_line(e)) from None
+
+
+def _method_keys(method: str) -> dict[str, Any]:
+    try:
+        return method_signature(method)
+    except ConfigError:
+        return {}  # an unknown method: reported by validation
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -411,8 +405,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
-    """Rebuild a config saved by :meth:`Config.to_dict` (e.g. from a checkpoint)."""
-    return build_config(d)
+    """Rebuild a config saved by :meth:`Config.to_dict` (e.g. from a checkpoint).
+
+    A saved config holds every field at the top and the method's hyperparameters under
+    ``hparams``, so an old field name there still means the field.
+    """
+    saved = {_RENAMED.get(k, k) if k not in ("hparams", "model_args") else k: v
+             for k, v in d.items()}
+    return build_config(saved)
 
 
 def dump_yaml(cfg: Config) -> str:

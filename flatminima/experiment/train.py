@@ -59,7 +59,7 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then the schedule.
 
     cosine: ``lr * (1 + cos(pi * t)) / 2`` with ``t`` the fraction of post-warm-up steps done;
-    step: ``lr * gamma ** (number of milestones passed)``, milestones as fractions of training
+    step: ``lr * lr_gamma ** (number of milestones passed)``, milestones as fractions of training
     (<= 1) or epoch numbers (> 1).
     """
     total = cfg.epochs * steps_per_epoch
@@ -73,7 +73,7 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
     epoch = step / steps_per_epoch
     passed = sum(epoch >= (m * cfg.epochs if m <= 1 else m) for m in cfg.milestones)
-    return cfg.lr * cfg.gamma ** passed
+    return cfg.lr * cfg.lr_gamma ** passed
 
 
 def split_validation(x: Tensor, y: Tensor, fraction: float, seed: int
