@@ -4,7 +4,8 @@
 The config saved in the checkpoint rebuilds the model and its data; the measurements use a fixed
 subset of the training set (``--examples``), in eval mode:
 
-* top-``k`` Hessian eigenvalues (Lanczos) and the trace (Hutch++), ``fm.hessian``;
+* top-``k`` Hessian eigenvalues (Lanczos) and the trace (Hutchinson on the complement of a Lanczos
+  basis, ``fm.hessian.trace``'s default ``"krylov"``), ``fm.hessian``;
 * model divergence ``E_u KL(f_w || f_{w+u})`` at ``--rho``, ``fm.divergence``;
 * a 1-D line and a 2-D plane of loss / accuracy along filter-normalized random directions,
   ``fm.landscape`` (Li et al. 2018);
@@ -44,7 +45,7 @@ def add_parser(sub: Any) -> None:
                    help="first Lanczos start vector: random, random plus the loss gradient, or "
                         "auto (the gradient one for --k 1 only; default)")
     p.add_argument("--trace-matvecs", type=int, default=60,
-                   help="Hutch++ matvec budget (0 skips the trace)")
+                   help="trace estimator's Hessian-vector product budget (0 skips the trace)")
     p.add_argument("--rho", type=float, default=0.05, help="model divergence radius")
     p.add_argument("--samples", type=int, default=10, help="model divergence samples")
     p.add_argument("--line", type=int, default=41, help="points of the 1-D line (0 skips)")
