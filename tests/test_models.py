@@ -129,6 +129,44 @@ def test_vit_b16_count():
     assert meta_count("vit_b16", 1000, (3, 224, 224)) == total
 
 
+
+def test_create_model_without_input_shape_keeps_the_builders_default():
+    # vit_b16 is made for 224x224 inputs (196 patches, 86,567,656 weights with 1000 classes);
+    # the registry used to impose (3, 32, 32) instead: 4 patches, 86,420,200 weights.
+    with torch.device("meta"):
+        assert count_parameters(create_model("vit_b16", num_classes=1000)) == 86_567_656
+        assert count_parameters(create_model("resnet50", num_classes=1000)) == 25_557_032
+        # mlp's default is MNIST-1D's (40,) input: 40*100 + 100 + 100*100 + 100 + 100*10 + 10.
+        assert count_parameters(create_model("mlp", widths=(100, 100))) == 15_210
+
+
+EXPLICIT_SHAPES = {
+    # name: an input shape unlike the builder's default (a channel count or size it must use).
+    "mlp": (3, 8, 8), "cnn1d": (2, 24), "cnn": (1, 28, 28), "resnet18": (1, 28, 28),
+    "vgg16": (3, 64, 64), "wrn28_10": (1, 28, 28), "pyramidnet164": (1, 28, 28),
+    "vit": (3, 16, 16), "vit_small": (1, 64, 64), "vit_b16": (3, 32, 32),
+    "resnet50": (1, 32, 32), "resnet101": (1, 32, 32),
+}
+
+
+def test_an_explicit_input_shape_still_applies_to_every_model():
+    assert set(EXPLICIT_SHAPES) == set(list_models())
+    for name, shape in EXPLICIT_SHAPES.items():
+        with torch.device("meta"):      # shapes are checked, nothing is computed
+            out = create_model(name, 10, shape)(torch.empty(2, *shape))
+        assert out.shape == (2, 10), name
+    # vit_b16 at 32x32: 4 patches of 16x16, so 192 fewer position embeddings than at 224.
+    assert meta_count("vit_b16", 1000, (3, 32, 32)) == 86_420_200
+    assert meta_count("vit_b16", 1000, (3, 32, 32)) == 86_567_656 - 192 * 768
+
+
+def test_builders_must_give_input_shape_a_default():
+    from flatminima.models.registry import register_model
+
+    with pytest.raises(TypeError, match="input_shape"):
+        register_model("no_default_shape")(lambda num_classes, input_shape: torch.nn.Identity())
+    assert "no_default_shape" not in list_models()
+
 def test_vit_small_count_closed_form():
     # The 32x32 preset (no published counterpart): 4x4 patches -> 64 tokens, dim 256, depth 6,
     # MLP 512.
