@@ -1,7 +1,7 @@
 """``flatminima compare``: Baseline vs RPR vs NRS vs SAM, tuned fairly, as a table and plots.
 
-The protocol (DESIGN.md, "Fair comparison"). NRS minimizes a *sum* of two cross-entropies plus a
-KL term, so at one learning rate it takes steps about twice as large as Baseline; on small data the
+The protocol (README, "Traps"). NRS minimizes a *sum* of two cross-entropies plus a KL term, so
+at one learning rate it takes steps about twice as large as Baseline; on small data the
 learning rate alone moves accuracy and sharpness more than any method. So, by default:
 
 * every method (variant) gets its **own learning rate**, chosen from the same grid by the mean
@@ -301,8 +301,8 @@ def _ms(values: Sequence[float], digits: int = 2) -> str:
     if not v:
         return "n/a"
     std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-    fmt = f"{{:.{digits}f}}" if max(abs(x) for x in v) >= 0.01 or digits > 3 else "{:.2e}"
-    return f"{fmt.format(float(np.mean(v)))} ± {fmt.format(std)}"
+    fmt = f".{digits}f" if max(abs(x) for x in v) >= 0.01 or digits > 3 else ".2e"
+    return rep.fmt_pm(float(np.mean(v)), std, fmt)
 
 
 def table(plan: Plan, best: Mapping[str, rep.SettingSummary],

@@ -19,11 +19,12 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flatminima.experiment.engine import CellResult
+if TYPE_CHECKING:    # annotations only: the study imports fmt_pm without Optuna
+    from flatminima.experiment.engine import CellResult
 
 
 @dataclass
@@ -82,10 +83,19 @@ def best_per_group(summaries: Sequence[SettingSummary], group: Callable[[dict[st
     return best
 
 
-def fmt_pm(mean: float, std: float, digits: int = 2) -> str:
+def fmt_pm(mean: float, std: float, digits: int | str = 2, *, missing: str = "diverged") -> str:
+    """``"mean ± std"``: the one formatter of mean ± std in the project's tables and reports.
+
+    ``digits`` is the number of decimals of both numbers, or a format spec (``".0f"``,
+    ``".2e"``). A non-finite ``mean`` gives ``missing`` (``"diverged"``: a seed diverged;
+    ``"n/a"``: nothing to average); a NaN ``std`` (one value, no spread) gives the mean alone.
+    """
     if not math.isfinite(mean):
-        return "diverged"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return missing
+    spec = f".{digits}f" if isinstance(digits, int) else digits
+    if math.isnan(std):
+        return format(mean, spec)
+    return f"{format(mean, spec)} ± {format(std, spec)}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -21,6 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flatminima.experiment.report import fmt_pm  # noqa: E402
+from flatminima.plots import save_figure  # noqa: E402
+
 _METHOD_LABEL = {"baseline": "Baseline", "rpr": "RPR", "nrs": "NRS", "sam": "SAM", "nso": "NSO",
                  "asam": "ASAM", "smoothout": "SmoothOut", "adasmoothout": "AdaSmoothOut",
                  "rwp": "RWP"}
@@ -31,12 +34,8 @@ def _label(method: str) -> str:
 
 
 def _ms(values: Sequence[float], fmt: str = ".3f") -> str:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return "n/a"
-    if v.size == 1:
-        return format(v[0], fmt)
-    return f"{format(v.mean(), fmt)} ± {format(v.std(ddof=1), fmt)}"
+    """Mean ± std (ddof=1) of the finite values; one value alone, none "n/a"."""
+    return fmt_pm(_mean(values), _std(values), fmt, missing="n/a")
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -79,17 +78,20 @@ def _main_cutoff(res: dict[str, Any]) -> str:
 # -- figures --------------------------------------------------------------------------------
 
 
+#: Layout of every figure: matplotlib's "compressed" layout, the constrained layout (room for
+#: every title and label) made for equal-aspect axes such as the decision boundaries, whose
+#: two-line titles ``tight_layout`` and the plain constrained layout push past the top edge.
+#: :func:`_save` writes the figure with :func:`flatminima.plots.save_figure` (atomically, cropped
+#: to what is drawn).
+_LAYOUT = "compressed"
+
+
 def _save(fig: plt.Figure, path: Path) -> str:
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    return save_figure(fig, path, dpi=110).name
 
 
 def fig_data(task: Any, path: Path) -> str:
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4.4))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 4.4), layout=_LAYOUT)
     for a, (x, y, title) in zip(ax, [(task.x_train, task.y_train, "train (and test, faint)"),
                                      (task.x_poison, task.y_poison, "poison set (unseen points)")],
                                 strict=True):
@@ -105,7 +107,7 @@ def fig_data(task: Any, path: Path) -> str:
 def fig_boundaries(entries: list[tuple[str, dict[str, Any]]], task: Any, path: Path) -> str:
     """Decision boundaries side by side, training points on top."""
     n = len(entries)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.6), squeeze=False, layout=_LAYOUT)
     x, y = task.x_train.numpy(), task.y_train.numpy()
     for ax, (title, m) in zip(axes[0], entries, strict=True):
         g = m["grid"]
@@ -123,7 +125,8 @@ def fig_boundaries(entries: list[tuple[str, dict[str, Any]]], task: Any, path: P
 
 def fig_rollouts(entries: list[tuple[str, dict[str, Any]]], cutoff: float, path: Path) -> str:
     n = len(entries)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False, sharey=True,
+                             layout=_LAYOUT)
     for ax, (title, m) in zip(axes[0], entries, strict=True):
         t = np.asarray(m["rollout"]["t"])
         for curve in np.asarray(m["rollout"]["loss"]):
@@ -137,7 +140,7 @@ def fig_rollouts(entries: list[tuple[str, dict[str, Any]]], cutoff: float, path:
 
 def fig_radii(entries: list[tuple[str, dict[str, Any]]], cutoff: str, path: Path) -> str:
     """Basin radius of every sampled ray (filter-normalized), one column per model."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(entries) + 2.0, 3.4))
+    fig, ax = plt.subplots(figsize=(1.2 * len(entries) + 2.0, 3.4), layout=_LAYOUT)
     gen = np.random.default_rng(0)
     for i, (_, m) in enumerate(entries):
         r = np.asarray(m["basin"][cutoff]["radii"], dtype=float)
@@ -156,7 +159,7 @@ def fig_gap_vs_poison(res: dict[str, Any], path: Path) -> str:
     factors = list(pm)
     xs = np.arange(len(factors))
     cut = _main_cutoff(res)
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6), layout=_LAYOUT)
     for key, label in (("train_acc", "train acc"), ("test_acc", "test acc"), ("gap", "gap")):
         mu = [_mean([m[key] for m in pm[f]]) for f in factors]
         sd = [_std([m[key] for m in pm[f]]) for f in factors]
@@ -177,7 +180,8 @@ def fig_gap_vs_poison(res: dict[str, Any], path: Path) -> str:
 
 def fig_volume_vs_gap(res: dict[str, Any], path: Path) -> str:
     cutoffs = [str(c) for c in res["config"]["cutoffs"]]
-    fig, axes = plt.subplots(1, len(cutoffs), figsize=(4.2 * len(cutoffs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(cutoffs), figsize=(4.2 * len(cutoffs), 3.8), squeeze=False,
+                             layout=_LAYOUT)
     pm = poison_models(res)
     mm = method_models(res)
     cmap = plt.get_cmap("viridis")
@@ -207,7 +211,7 @@ def fig_methods(res: dict[str, Any], path: Path, spirals: bool) -> str:
               ("log10_volume", f"log10 volume (cutoff {cut})")]
     if spirals:
         panels.insert(2, ("margin_mean", "mean input margin"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), layout=_LAYOUT)
     for ax, (key, label) in zip(axes, panels, strict=True):
         def val(m: dict[str, Any], key: str = key) -> float:
             return _basin(m, cut, key) if key in ("radius_mean", "log10_volume") else m[key]
