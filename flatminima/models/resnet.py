@@ -111,10 +111,13 @@ class ResNet(nn.Module):
 
 @register_model("resnet18")
 def resnet18(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32),
-             stem: str = "cifar", zero_init_residual: bool = False) -> ResNet:
-    """ResNet-18, CIFAR stem by default (``stem="imagenet"`` for the paper's)."""
+             stem: str = "cifar", zero_init_residual: bool = False, width: int = 64) -> ResNet:
+    """ResNet-18, CIFAR stem by default (``stem="imagenet"`` for the paper's); ``width`` is the
+    first stage's channel count (64 in the paper; the stages double it), narrower for CPU runs."""
     c, _, _ = image_shape(input_shape, "resnet18")
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, c, stem,
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an integer >= 1, got {width!r}")
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, c, stem, width=width,
                   zero_init_residual=zero_init_residual)
 
 
