@@ -40,7 +40,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # Fields that change what is computed. The others (where to log, how chatty) may differ between
 # the run that wrote a checkpoint and the one that resumes it.
 _PRESENTATION_FIELDS = ("out", "quiet", "tensorboard", "device", "resume", "progress_desc",
-                        "threads")
+                        "threads", "eval_every")
 
 
 class ConfigError(ValueError):
@@ -51,16 +51,22 @@ class ConfigError(ValueError):
 class Config:
     """Everything one training run depends on.
 
-    Data: ``dataset`` by registry name, optional ``data_root``, ``subset_per_class`` training
-    examples per class, symmetric ``label_noise``, and ``val_split``: the fraction of the training
-    set held out (stratified, fixed by ``data_seed``) for model selection, so the test set is never
-    used to choose hyperparameters.
+    Data: ``dataset`` by registry name, optional ``data_root``, ``data_classes`` (keep only
+    these classes, relabelled in order), ``subset_per_class`` training examples per class,
+    symmetric ``label_noise``, and ``val_split``: the fraction of the training set held out
+    (stratified, fixed by ``data_seed``) for model selection, so the test set is never used to
+    choose hyperparameters.
     ``threads`` sets ``torch.set_num_threads`` for the run (CPU; a resumed run must use the same
     count to be bitwise identical; 1 is fastest for tiny models on a loaded machine).
     Optimization: ``optimizer`` SGD (``momentum``, ``nesterov``; L2 ``weight_decay``) or AdamW
     (``momentum`` is beta1; decoupled ``weight_decay``), a per-step ``schedule`` (cosine / step
     at ``milestones`` times ``lr_gamma`` / constant) after ``warmup_epochs`` of linear warm-up,
     ``grad_clip`` on the global norm.
+    Evaluation: the train and test splits are evaluated every ``eval_every`` epochs and after the
+    last one (the validation split after every epoch); the weights and the final metrics do not
+    depend on it, only which rows of the history carry ``train_*``/``test_*`` columns, so it is
+    not part of the fingerprint. ``eval_batch_size`` examples per evaluation pass (at most 128
+    on a CPU, where larger batches are only slower).
     """
 
     # data
@@ -71,9 +77,15 @@ class Config:
     val_split: float = 0.0
     data_seed: int = 0
     augment: str = "none"
+    data_classes: list[int] | None = None
     # model
     model: str = "mlp"
     model_args: dict[str, Any] = field(default_factory=dict)
+    # initialization from saved weights (fine-tuning); see flatminima.experiment.init
+    init_from: str | None = None
+    init_head: str = "auto"
+    init_strict: bool = True
+    init_sha256: str | None = None
     # method
     method: str = "baseline"
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -90,9 +102,16 @@ class Config:
     epochs: int = 20
     batch_size: int = 128
     eval_batch_size: int = 1000
+    eval_every: int = 1
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    body_lr: float | None = None
     amp: bool = False
+    # curvature during training; see flatminima.experiment.curvature
+    curvature_every: int = 0
+    curvature_examples: int = 512
+    curvature_trace: bool = False
+    curvature_last_layer: bool = False
     # reproducibility and output
     seed: int = 0
     device: str = "auto"
@@ -122,6 +141,8 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> Config:
+        if "init_from" in changes and "init_sha256" not in changes:
+            changes["init_sha256"] = None  # the digest of the new file, computed on validation
         return dataclasses.replace(self, **changes)
 
 
@@ -167,7 +188,7 @@ def validate(cfg: Config) -> None:
     _in_range("label_noise", cfg.label_noise, 0, 1, hi_open=True)
     _in_range("val_split", cfg.val_split, 0, 1, hi_open=True)
     _in_range("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
-    for key in ("epochs", "batch_size", "eval_batch_size"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
         _in_range(key, getattr(cfg, key), 1)
     if cfg.subset_per_class is not None:
         _in_range("subset_per_class", cfg.subset_per_class, 1)
@@ -179,7 +200,39 @@ def validate(cfg: Config) -> None:
         _in_range("milestones", m, 0, lo_open=True)
     if cfg.warmup_epochs > cfg.epochs:
         _fail("warmup_epochs", cfg.warmup_epochs, f"exceeds epochs={cfg.epochs}")
+    _check_init(cfg)
+    _check_curvature(cfg)
     _check_registries(cfg)
+
+
+INIT_HEADS = ("auto", "keep", "reset")
+
+
+def _check_init(cfg: Config) -> None:
+    """Fine-tuning keys; ``init_sha256`` is filled in from the file when not given."""
+    _choice("init_head", cfg.init_head, INIT_HEADS)
+    if cfg.body_lr is not None:
+        _in_range("body_lr", cfg.body_lr, 0)
+    if cfg.init_from is None:
+        if cfg.init_sha256 is not None:
+            _fail("init_sha256", cfg.init_sha256, "given without init_from")
+        return
+    if not cfg.init_from.strip():
+        _fail("init_from", cfg.init_from, "must not be empty")
+    if cfg.init_sha256 is not None:
+        digest = cfg.init_sha256.lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            _fail("init_sha256", cfg.init_sha256, "must be 64 hexadecimal digits")
+        cfg.init_sha256 = digest
+        return
+    from flatminima.experiment.init import file_digest, resolve_init_path
+
+    cfg.init_sha256 = file_digest(resolve_init_path(cfg.init_from))
+
+
+def _check_curvature(cfg: Config) -> None:
+    _in_range("curvature_every", cfg.curvature_every, 0)
+    _in_range("curvature_examples", cfg.curvature_examples, 1)
 
 
 def _check_registries(cfg: Config) -> None:
