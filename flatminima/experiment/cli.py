@@ -1,4 +1,5 @@
-"""The ``flatminima`` command line: ``compare``, ``train``, ``sweep``, ``measure``, ``study``.
+"""The ``flatminima`` command line: ``compare``, ``train``, ``sweep``, ``measure``, ``study``,
+``reproduce``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 Every expected error (bad name, key, value or file; damaged checkpoint) ends with one line on
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "sweep": "flatminima.experiment.sweep",
     "measure": "flatminima.experiment.measure",
     "study": "flatminima.study.cli",
+    "reproduce": "flatminima.study.reproduce",
 }
 
 
@@ -108,7 +110,13 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"flatminima: error: command {argv[0]!r} is unavailable ({missing[argv[0]]})",
               file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value items may also follow the options (argparse takes positionals in one run only).
+    if extra and all("=" in e and not e.startswith("-") for e in extra) \
+            and isinstance(getattr(args, "items", None), list):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from flatminima import __version__
 
