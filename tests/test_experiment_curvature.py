@@ -18,6 +18,7 @@ from flatminima.experiment.config import build_config
 from flatminima.experiment.curvature import TRACE_MATVECS
 from flatminima.experiment.measure import load_run
 from flatminima.experiment.train import build_data, loss_function, train
+from tests._interrupt import train_interrupted
 
 TINY = {"dataset": "digits", "model": "mlp", "model.widths": [16], "model.dropout": 0.1,
         "method": "nrs", "rho": 0.05, "epochs": 3, "batch_size": 64, "quiet": True,
@@ -111,19 +112,8 @@ def test_every_n_epochs_and_after_the_last_and_resume_continues(tmp_path, monkey
     assert [r["hessian_top"] == "" for r in rows] == [True, False, True, False, False]
 
     # Interrupted during epoch 3 (its checkpoint never written), then resumed.
-    real_save, calls = ckpt.save, {"n": 0}
-
-    def save(obj, path):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real_save(obj, path)
-
     cut = build_config({**base, "out": str(tmp_path / "cut")})
-    monkeypatch.setattr(ckpt, "save", save)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "save", real_save)
+    train_interrupted(cut, monkeypatch, at_save=3)
     assert ckpt.load(tmp_path / "cut" / "last.pt")["epoch"] == 2
     resumed = train(cut)
     _same_weights(tmp_path / "ref", tmp_path / "cut")

@@ -18,6 +18,7 @@ from flatminima.experiment.init import (
 )
 from flatminima.experiment.train import lr_at, train
 from flatminima.models import create_model
+from tests._interrupt import train_interrupted
 
 MLP = {"model": "mlp", "model.widths": [16], "epochs": 1, "batch_size": 64, "quiet": True,
        "tensorboard": False, "threads": 1}
@@ -215,19 +216,8 @@ def test_body_lr_scales_the_body_at_every_step_and_resumes_bitwise(tmp_path, mon
     monkeypatch.setattr(torch.optim.SGD, "step", real_step)
 
     # Interrupted after epoch 1 (the second checkpoint never written), then resumed.
-    real_save, calls = ckpt.save, {"n": 0}
-
-    def save(obj, path):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        real_save(obj, path)
-
     cut = build_config({**base, "out": str(tmp_path / "cut")})
-    monkeypatch.setattr(ckpt, "save", save)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "save", real_save)
+    train_interrupted(cut, monkeypatch, at_save=2)
     assert ckpt.load(tmp_path / "cut" / "last.pt")["epoch"] == 1
     train(cut)
     a, b = ckpt.load(tmp_path / "ref" / "last.pt"), ckpt.load(tmp_path / "cut" / "last.pt")

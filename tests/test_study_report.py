@@ -7,22 +7,13 @@ from types import SimpleNamespace
 
 import matplotlib.image
 import numpy as np
-import pytest
 import torch
 
 import flatminima.plots
 from flatminima.experiment import compare
 from flatminima.experiment import report as rep
 from flatminima.study import report as study_report
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.test_study import _one_thread  # noqa: F401  (autouse: one thread per test)
 
 # -- mean ± std -----------------------------------------------------------------------------
 

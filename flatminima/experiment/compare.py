@@ -204,31 +204,25 @@ def _config_fields() -> set[str]:
 def measure_run(cfg: Config, examples: int = MEASURE_EXAMPLES) -> dict[str, float]:
     """Top Hessian eigenvalue and model divergence of a finished run, on a fixed subset of its
     training data (cached in the run folder)."""
-    cache = Path(cfg.out) / "measures.json"
+    from flatminima.experiment.measure import cached_in_run
+
+    def compute() -> dict[str, float]:
+        import torch
+
+        from flatminima import hessian
+        from flatminima.experiment.measure import load_run, measure_batch
+        from flatminima.experiment.train import loss_function
+
+        model, data_batch, _ = load_run(cfg, examples=examples)
+        gen = torch.Generator().manual_seed(0)
+        values = {"hessian_top": float(hessian.eigenvalues(
+            model, loss_function(cfg), data_batch, k=1, generator=gen)[0])}
+        values.update(measure_batch(model, data_batch, rho=DIVERGENCE_RHO,
+                                    samples=DIVERGENCE_SAMPLES))
+        return values
+
     key = {"examples": examples, "rho": DIVERGENCE_RHO, "samples": DIVERGENCE_SAMPLES}
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return saved["values"]
-        except (OSError, ValueError):
-            pass
-    import torch
-
-    from flatminima.experiment.measure import load_run, measure_batch
-    from flatminima.experiment.train import loss_function
-
-    model, data_batch, _ = load_run(cfg, examples=examples)
-    loss_fn = loss_function(cfg)
-    from flatminima import hessian
-
-    gen = torch.Generator().manual_seed(0)
-    values = {"hessian_top": float(hessian.eigenvalues(model, loss_fn, data_batch, k=1,
-                                                        generator=gen)[0])}
-    values.update(measure_batch(model, data_batch, rho=DIVERGENCE_RHO,
-                                samples=DIVERGENCE_SAMPLES))
-    atomic_write_text(cache, json.dumps({"key": key, "values": values}))
-    return values
+    return cached_in_run(cfg, "measures.json", key, compute)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -104,6 +104,23 @@ def measure_batch(model: nn.Module, batch: tuple[Tensor, Tensor], *, rho: float,
     return {"divergence": float(model_divergence(model, batch, rho, samples, generator=gen))}
 
 
+def cached_in_run(cfg: Config, filename: str, key: dict[str, Any],
+                  compute: Any) -> dict[str, float]:
+    """``compute()`` of a finished run, kept in ``<run>/<filename>`` under ``key``: a second
+    report (or a restarted one) reads the values instead of measuring again."""
+    cache = Path(cfg.out) / filename
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return saved["values"]
+        except (OSError, ValueError):
+            pass
+    values = compute()
+    ckpt.atomic_write_text(cache, json.dumps({"key": key, "values": values}))
+    return values
+
+
 def _positive(name: str, value: float | int, allow_zero: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"--{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")

@@ -4,18 +4,9 @@ A method computes the gradient of its objective at the current weights and accum
 ``p.grad``; it never moves the weights. Its passes go through the one pass primitive
 (:mod:`flatminima.methods._passes`), which owns the guarantees every method gives (weights
 untouched, statistics updated once, dropout masks replayed, micro-batches, scaler, DDP); its
-arguments are declared once (:mod:`flatminima.methods._hparams`). A new method is one file::
-
-    @register_method("gaussian_rpr")
-    class GaussianRPR(RandomPerturbation):
-        sigma = hparam(0.01, check_nonneg, "noise std")
-
-        def default_noise(self):
-            return fm.noise.Sampler(self.sigma, "gaussian", "element", relative=False)
-
-        def _backward(self, step, generator):
-            u = self.draw(step, generator)
-            return weighted_gradient(step, lambda mb: [(0.0, None), (1.0, u)])
+arguments are declared once (:mod:`flatminima.methods._hparams`). A new method is one file:
+``examples/gaussian_rpr.py`` is the worked example (a registered RandomPerturbation with one
+hyperparameter, its default noise and a two-term weighted gradient).
 """
 
 from __future__ import annotations

@@ -322,39 +322,32 @@ def _method_label(variants: Mapping[str, Mapping[str, Any]]) -> Callable[[Mappin
 def measure_cell(cfg: Config, measures: Sequence[str], examples: int = 1000) -> dict[str, float]:
     """The protocol's measurements of a finished run on a fixed training subset (eval mode),
     cached in the run folder."""
-    cache = Path(cfg.out) / "reproduce_measures.json"
+    from flatminima.experiment.measure import cached_in_run
+
+    def compute() -> dict[str, float]:
+        import torch
+
+        from flatminima import hessian
+        from flatminima.experiment.measure import load_run, measure_batch
+        from flatminima.experiment.train import loss_function
+
+        model, batch, _ = load_run(cfg, examples=examples)
+        loss_fn = loss_function(cfg)
+        values: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(0)
+        for name, params in (("hessian_top", None), ("hessian_top_last_layer", "last_layer")):
+            if name in measures:
+                values[name] = float(hessian.eigenvalues(model, loss_fn, batch, k=1,
+                                                         params=params, generator=gen)[0])
+        if "hessian_trace" in measures:
+            values["hessian_trace"] = float(hessian.trace(model, loss_fn, batch,
+                                                          num_matvecs=60, generator=gen))
+        if "divergence" in measures:
+            values["divergence"] = measure_batch(model, batch, rho=0.05, samples=10)["divergence"]
+        return values
+
     key = {"measures": sorted(measures), "examples": examples}
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return saved["values"]
-        except (OSError, ValueError):
-            pass
-    import torch
-
-    from flatminima import hessian
-    from flatminima.experiment.checkpoint import atomic_write_text
-    from flatminima.experiment.measure import load_run, measure_batch
-    from flatminima.experiment.train import loss_function
-
-    model, batch, _ = load_run(cfg, examples=examples)
-    loss_fn = loss_function(cfg)
-    values: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(0)
-    if "hessian_top" in measures:
-        values["hessian_top"] = float(hessian.eigenvalues(model, loss_fn, batch, k=1,
-                                                          generator=gen)[0])
-    if "hessian_top_last_layer" in measures:
-        values["hessian_top_last_layer"] = float(hessian.eigenvalues(
-            model, loss_fn, batch, k=1, params="last_layer", generator=gen)[0])
-    if "hessian_trace" in measures:
-        values["hessian_trace"] = float(hessian.trace(model, loss_fn, batch, num_matvecs=60,
-                                                      generator=gen))
-    if "divergence" in measures:
-        values["divergence"] = measure_batch(model, batch, rho=0.05, samples=10)["divergence"]
-    atomic_write_text(cache, json.dumps({"key": key, "values": values}))
-    return values
+    return cached_in_run(cfg, "reproduce_measures.json", key, compute)
 
 
 # ----------------------------------------------------------------------------- the command
