@@ -108,22 +108,25 @@ def test_a_killed_reproduce_resumes_and_runs_only_the_missing_cells(tmp_path, mo
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(runs.glob("*/*/metrics.json")))
-    assert finished >= 2 and not (out / "report.md").exists()
-    calls = []
+    done = {p: p.stat().st_mtime_ns for p in runs.glob("*/*/metrics.json")}
+    assert len(done) >= 2 and not (out / "report.md").exists()
+    trained = []
     real = rp._run_cell
 
     def counting(cfg):
-        calls.append(cfg.out)
-        return real(cfg)
+        before = (Path(cfg.out) / "metrics.json").is_file()
+        result = real(cfg)
+        if not before:
+            trained.append(cfg.out)
+        return result
 
     monkeypatch.setattr(rp, "_run_cell", counting)
     assert main(cmd[3:]) == 0
-    total = len(list(runs.glob("*/*/metrics.json")))
+    total = list(runs.glob("*/*/metrics.json"))
     assert (out / "report.md").is_file()
-    # Only the cells without a recorded result ran again (the killed one resumed).
-    assert len(calls) <= total - finished + 1
-    assert len(calls) >= total - finished
+    # The runs finished before the kill were not trained again; only the missing ones were.
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert len(trained) == len(total) - len(done)
 
 
 @pytest.mark.parametrize("argv, message", [
