@@ -169,6 +169,13 @@ def write_report(out: Path, proto: Protocol, results: Mapping[str, list[Any]],
         for exp_label, searches in results.items():
             lines += [f"## {exp_label}", ""]
             exp = paper_of[exp_label]
+            first = next((c for sr in searches for c in sr.configs.values()), None)
+            if first is not None and proto.scale != "paper":
+                lines += [f"At this scale the runs are: data set `{first.dataset}`, model "
+                          f"`{first.model}` {first.model_args or ''}, "
+                          f"{first.subset_per_class or 'all'} training images per class, "
+                          f"{first.epochs} epochs, augment `{first.augment}` (the label is the "
+                          "paper's experiment this stands for).", ""]
             for sr in searches:
                 header, rows = _table(exp_label, sr, exp.paper, exp.paper_measures, measures,
                                       proto.measure)
