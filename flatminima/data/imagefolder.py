@@ -9,8 +9,11 @@ which is extracted with path-traversal protection first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,25 +102,46 @@ def decode_image(path: str | os.PathLike, *, mode: str = "RGB",
 
 def _decode_all(paths: Sequence[Path], mode: str, size: int | None, resize: int | None,
                 num_threads: int) -> np.ndarray:
-    # PIL releases the GIL while decoding, so threads give real parallelism here without the
-    # start-up cost of processes.
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        arrays = list(pool.map(lambda p: decode_image(p, mode=mode, size=size, resize=resize),
-                               paths, chunksize=256))
-    shapes = {a.shape for a in arrays}
+    """Decode ``paths`` into one preallocated uint8 ``(N, C, H, W)`` array.
+
+    Each thread decodes a contiguous slice (PIL releases the GIL while decoding): one task per
+    thread rather than one per image, whose bookkeeping costs as much as decoding a 32x32 JPEG.
+    """
+    first = decode_image(paths[0], mode=mode, size=size, resize=resize)
+    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    out[0] = first
+
+    def work(lo: int, hi: int) -> set[tuple[int, ...]]:
+        odd = set()
+        for i in range(lo, hi):
+            a = decode_image(paths[i], mode=mode, size=size, resize=resize)
+            if a.shape != first.shape:
+                odd.add(a.shape)
+            else:
+                out[i] = a
+        return odd
+
+    # A thread per ~1000 images at most: starting one costs more than decoding a few images.
+    n = max(1, min(num_threads, len(paths) // 1000))
+    bounds = np.linspace(1, len(paths), n + 1).round().astype(int).tolist()
+    shapes = {first.shape}
+    if n == 1:
+        shapes |= work(1, len(paths))
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            for odd in pool.map(work, bounds[:-1], bounds[1:]):
+                shapes |= odd
     if len(shapes) > 1:
         raise DataError(f"images under {paths[0].parent.parent} differ in size "
                         f"({sorted(shapes)[:3]}...): pass image_size= to resize and crop "
                         "them, or stream them")
-    return np.stack(arrays)
+    return out
 
 
-def _resolve_tree(root: Path, archive: str | None, cache_dir: str | os.PathLike | None
-                  ) -> tuple[Path, Path | None]:
-    """The directory holding ``train/`` and ``test/`` (extracting an archive if that is needed)
-    and the archive it came from, if any."""
+def _find_archive(root: Path, archive: str | None) -> Path | None:
+    """The archive the tree comes from, or None when ``root`` itself holds ``train/``."""
     if archive is None and (root / "train").is_dir():
-        return root, None
+        return None
     if archive is None:
         found = sorted(p for p in root.iterdir() if p.is_file()
                        and p.name.endswith(ARCHIVE_SUFFIXES)) if root.is_dir() else []
@@ -125,23 +149,39 @@ def _resolve_tree(root: Path, archive: str | None, cache_dir: str | os.PathLike 
             raise DataError(f"no image folder in {root}: expected {root}/train/<class>/* and "
                             f"{root}/test/<class>/*, or one archive of that tree "
                             f"(found {len(found)} archives)")
-        archive_path = found[0]
-    else:
-        archive_path = Path(archive) if Path(archive).is_absolute() else root / archive
-        if not archive_path.is_file():
-            raise DataError(f"missing archive {archive_path}: put the image-folder archive there")
+        return found[0]
+    archive_path = Path(archive) if Path(archive).is_absolute() else root / archive
+    if not archive_path.is_file():
+        raise DataError(f"missing archive {archive_path}: put the image-folder archive there")
+    return archive_path
+
+
+def _archive_stem(archive_path: Path) -> str:
     stem = archive_path.name
     for suffix in ARCHIVE_SUFFIXES:
         if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    dest = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
-    tree = dest / stem
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _extracted(archive_path: Path, tree: Path) -> Path:
+    """``tree``, the archive extracted there first unless that was done before."""
     if not (tree / "train").is_dir():
         safe_extract(archive_path, tree)
         if not (tree / "train").is_dir():
             raise DataError(f"archive {archive_path} has no top-level train/ folder")
-    return tree, archive_path
+    return tree
+
+
+def _resolve_tree(root: Path, archive: str | None, cache_dir: str | os.PathLike | None
+                  ) -> tuple[Path, Path | None]:
+    """The directory holding ``train/`` and ``test/`` (extracting an archive if that is needed)
+    and the archive it came from, if any."""
+    archive_path = _find_archive(root, archive)
+    if archive_path is None:
+        return root, None
+    dest = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    return _extracted(archive_path, dest / _archive_stem(archive_path)), archive_path
 
 
 def _list_tree(tree: Path) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
@@ -152,10 +192,72 @@ def _list_tree(tree: Path) -> tuple[list[str], list[Path], list[int], list[Path]
 
 
 def default_cache_dir(root: Path) -> Path:
-    """``root`` itself when writable, else ``$FLATMINIMA_CACHE`` or ``~/.cache/flatminima``."""
-    if root.is_dir() and os.access(root, os.W_OK):
+    """``$FLATMINIMA_CACHE`` when set, else ``root`` itself when writable, else
+    ``~/.cache/flatminima``.
+
+    A folder whose permission bits allow nobody to write counts as read-only even where
+    ``os.access`` says otherwise (for root it always does): a data folder marked read-only is
+    not written into.
+    """
+    env = os.environ.get("FLATMINIMA_CACHE")
+    if env:
+        return Path(env)
+    if root.is_dir() and os.access(root, os.W_OK) and root.stat().st_mode & 0o222:
         return root
-    return Path(os.environ.get("FLATMINIMA_CACHE", Path.home() / ".cache" / "flatminima"))
+    return Path.home() / ".cache" / "flatminima"
+
+
+_CACHED = ("x_train", "y_train", "x_test", "y_test", "classes")
+
+
+def _valid_cache(arrays: dict[str, np.ndarray]) -> bool:
+    """The checks a decode guarantees: uint8 ``(N, C, H, W)`` images, one int64 label in
+    ``[0, classes)`` per image, at least one class name."""
+    classes = arrays["classes"]
+    if classes.ndim != 1 or len(classes) == 0 or classes.dtype.kind != "U":
+        return False
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if (x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.ndim != 1
+                or len(x) != len(y) or len(y) == 0
+                or int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            return False
+    return True
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The decoded arrays cached at ``path``; None when absent, damaged or malformed (rebuilt,
+    never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _CACHED}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays if _valid_cache(arrays) else None
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the cache atomically: a uniquely named temporary file beside it (so that processes
+    decoding the same tree at once never write into one file), fsync-ed, then renamed over it.
+    A read-only location just means no cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -198,30 +300,32 @@ def load_imagefolder(root: str | os.PathLike, *, archive: str | None = None,
     JPEG copy they come out at 0.4913/0.4821/0.4465, the figures published with it).
     """
     root = Path(root)
-    tree, archive_path = _resolve_tree(root, archive, cache_dir)
-    is_cifar_jpeg = (archive_path is not None and archive_path.name == CIFAR10_JPEG_ARCHIVE) \
-        or tree.name == "cifar10-jpeg"
+    archive_path = _find_archive(root, archive)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     listing = None
     if archive_path is not None:
         # An archive identifies its tree: its size and time stamp key the cache, so a cached
-        # load needs no walk over tens of thousands of files.
+        # load needs neither the extracted tree nor a walk over tens of thousands of files.
+        tree = cache_root / _archive_stem(archive_path)
         st = archive_path.stat()
         ident: object = (archive_path.name, st.st_size, st.st_mtime_ns)
     else:
+        tree = root
         listing = _list_tree(tree)
-        ident = [(str(p.relative_to(tree)), p.stat().st_size)
-                 for p in listing[1] + listing[3]]
+        # Every file's name, size and time stamp: an image replaced, added or removed (even by
+        # one of the same size) makes a new key, so a stale cache is never read.
+        ident = []
+        for p in listing[1] + listing[3]:
+            st = p.stat()
+            ident.append((str(p.relative_to(tree)), st.st_size, st.st_mtime_ns))
+    is_cifar_jpeg = (archive_path is not None and archive_path.name == CIFAR10_JPEG_ARCHIVE) \
+        or tree.name == "cifar10-jpeg"
     key = hashlib.sha256(repr((ident, image_size, resize, mode)).encode()).hexdigest()[:16]
     cache = cache_root / f".{tree.name}-{key}.npz"
-    arrays = None
-    if use_cache and cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
-        except (OSError, ValueError, KeyError, EOFError):
-            arrays = None  # a damaged cache is rebuilt, never trusted
+    arrays = _read_cache(cache) if use_cache else None
     if arrays is None:
+        if archive_path is not None:
+            tree = _extracted(archive_path, tree)
         classes, train_paths, train_labels, test_paths, test_labels = listing or _list_tree(tree)
         arrays = {"x_train": _decode_all(train_paths, mode, image_size, resize, num_threads),
                   "y_train": np.asarray(train_labels, dtype=np.int64),
@@ -229,13 +333,7 @@ def load_imagefolder(root: str | os.PathLike, *, archive: str | None = None,
                   "y_test": np.asarray(test_labels, dtype=np.int64),
                   "classes": np.asarray(classes, dtype=str)}
         if use_cache:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp.npz")
-                np.savez(tmp, **arrays)
-                os.replace(tmp, cache)
-            except OSError:
-                pass  # a read-only location just means no cache
+            _write_cache(cache, arrays)
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"train images are {x_train.shape[1:]} but test images are "
