@@ -103,11 +103,12 @@ def shard(x: Tensor, y: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
     return x[rank:n:world], y[rank:n:world]
 
 
-# Largest evaluation batch on a CPU: in eval mode each example's output does not depend on its
-# batch, and beyond ~128 small images the activations leave the caches and large freed blocks
-# go back to the OS after every batch (page faults), so bigger batches are only slower there
-# (benchmarks/results/train_epoch.md: the small CNN evaluates 1.1 ms/image at 1000 NCHW,
-# 0.3 ms/image at 128 channels-last).
+# Evaluation on a CPU: at most CPU_EVAL_BATCH examples per pass, images channels-last. In eval
+# mode an example's output does not depend on its batch; beyond ~128 small images the
+# activations leave the caches and large freed blocks go back to the OS after every batch
+# (page faults), so bigger batches are only slower, and channels-last is the CPU convolutions'
+# fast layout (measured per image in benchmarks/results/train_epoch.md). Module constants, so
+# that the benchmark can set them back.
 CPU_EVAL_BATCH = 128
 CPU_EVAL_CHANNELS_LAST = True
 
