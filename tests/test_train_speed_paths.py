@@ -188,20 +188,32 @@ def test_evaluate_does_not_depend_on_batch_or_layout():
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
-    ref_loss, ref_acc = T.evaluate(model, DeviceLoader(x, y, 1000, shuffle=False, **norm),
-                                   F.cross_entropy)
+    ref_loss, ref_acc, ref_top5 = T.evaluate(
+        model, DeviceLoader(x, y, 1000, shuffle=False, **norm), F.cross_entropy)
     with torch.no_grad():
         xf = DeviceLoader(x, y, 1000, shuffle=False, **norm).transform(x, None)
         out = model.eval()(xf)
     assert math.isclose(ref_loss, float(F.cross_entropy(out, y)), rel_tol=1e-6)
     assert ref_acc == 100.0 * int((out.argmax(1) == y).sum()) / len(y)
+    # Top-5 by brute force: the label's rank among the logits (ties do not occur here).
+    rank = (out > out.gather(1, y[:, None])).sum(1)
+    assert ref_top5 == 100.0 * int((rank < 5).sum()) / len(y)
+    assert ref_acc < ref_top5 < 100.0
     assert len(out.argmax(1).unique()) > 3
     assert model.training is False
     for bs, cl in ((7, False), (128, False), (128, True), (1000, True)):
-        loss, acc = T.evaluate(model, DeviceLoader(x, y, bs, shuffle=False, channels_last=cl,
-                                                   **norm), F.cross_entropy)
-        assert acc == ref_acc
+        loss, acc, top5 = T.evaluate(model, DeviceLoader(x, y, bs, shuffle=False,
+                                                         channels_last=cl, **norm),
+                                     F.cross_entropy)
+        assert acc == ref_acc and top5 == ref_top5
         assert math.isclose(loss, ref_loss, rel_tol=1e-6), (bs, cl)
+
+
+def test_top5_is_nan_with_five_classes_or_fewer():
+    model = torch.nn.Linear(4, 5)
+    x, y = torch.randn(20, 4), torch.randint(0, 5, (20,))
+    _, _, top5 = T.evaluate(model, [(x, y)], F.cross_entropy)
+    assert math.isnan(top5)
 
 
 TINY = ["dataset=synthetic_images", "model=cnn", "model.channels=[8,16]", "model.hidden=16",
@@ -242,6 +254,7 @@ def test_eval_every_gives_identical_weights_and_final_metrics(tmp_path, method):
     assert has_test[0] == [(True, True, True)] * 3
     assert has_test[1] == [(False, False, True), (True, True, True), (True, True, True)]
     assert has_test[2] == [(False, False, True), (False, False, True), (True, True, True)]
+    assert {"test_top5", "train_top5", "val_top5"} <= set(m9) and m9["test_top5"] >= m9["test_acc"]
     for r1, r2 in zip(m1["history"], m2["history"], strict=True):  # the rows that are there
         assert {k: v for k, v in r2.items() if k != "time_s"} == \
             {k: r1[k] for k in r2 if k != "time_s"}

@@ -114,26 +114,34 @@ CPU_EVAL_CHANNELS_LAST = True
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, loss_fn: Any) -> tuple[float, float]:
-    """Mean loss and accuracy (%) over a loader, in eval mode.
+def evaluate(model: nn.Module, loader: Any, loss_fn: Any) -> tuple[float, float, float]:
+    """Mean loss, top-1 and top-5 accuracy (%) over a loader, in eval mode.
 
-    Sums are kept on the device (float64 per-example losses) and read once at the end, so no
+    Top-5 counts an example as correct when its label is among the five largest logits (ImageNet's
+    second number, Russakovsky et al. 2015); with five classes or fewer it is NaN, not a trivial
+    100. Sums are kept on the device (float64 per-example losses) and read once at the end, so no
     batch waits for the previous one to be synchronized.
     """
     was_training = model.training
     model.eval()
     loss_sum: Tensor | float = 0.0
     correct: Tensor | int = 0
+    correct5: Tensor | int = 0
     count = 0
+    classes = 0
     for x, y in loader:
         out = model(x)
         loss_sum = loss_sum + loss_fn(out, y, reduction="none").double().sum()
         correct = correct + (out.argmax(1) == y).sum()
+        classes = out.shape[1]
+        if classes > 5:
+            correct5 = correct5 + (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
         count += len(y)
     model.train(was_training)
     if count == 0:
-        return math.nan, math.nan
-    return float(loss_sum) / count, 100.0 * int(correct) / count
+        return math.nan, math.nan, math.nan
+    top5 = 100.0 * int(correct5) / count if classes > 5 else math.nan
+    return float(loss_sum) / count, 100.0 * int(correct) / count, top5
 
 
 def _dist_sum(values: list[float], device: torch.device) -> list[float]:
@@ -388,7 +396,10 @@ def _train(cfg: Config) -> dict[str, Any]:
             full = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             for split, loader in eval_loaders.items():
                 if full or split == "val":
-                    row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(net, loader, loss_fn)
+                    loss, acc, top5 = evaluate(net, loader, loss_fn)
+                    row[f"{split}_loss"], row[f"{split}_acc"] = loss, acc
+                    if math.isfinite(top5):
+                        row[f"{split}_top5"] = top5
             if cfg.body_lr is not None:
                 row["lr_body"] = lr * cfg.body_lr
             if probe is not None and probe.due(epoch + 1):

@@ -42,7 +42,7 @@ from flatminima.experiment.engine import CellResult, GridWorker, storage_url
 from flatminima.experiment.logs import progress
 from flatminima.study.protocol import Experiment, Protocol, list_protocols, load_protocol, merge
 
-METRICS = ("val_acc", "test_acc", "train_acc", "test_loss", "train_loss", "test_acc5")
+METRICS = ("val_acc", "test_acc", "train_acc", "test_loss", "train_loss", "test_top5")
 CONTROLS = {
     "NRS alpha=0": {"alpha": 0.0},
     "NRS rho=0": {"rho": 0.0},
@@ -432,10 +432,18 @@ def _measure_all(proto: Protocol, results: Mapping[str, list[SearchResult]], qui
             for exp, searches in results.items() for sr in searches
             for label, s in sr.best.items() for r in s.results
             if r.metrics.get("status") == "ok"]
+    # A run trained on another host that shares only the study has no folder here.
+    away = [cfg.out for *_, cfg in todo if not (Path(cfg.out) / "last.pt").is_file()]
+    if away:
+        print(f"reproduce {proto.name}: {len(away)} selected run(s) have no checkpoint on this "
+              f"host (first: {away[0]}); their measurements are left out. Give every worker "
+              "one shared --runs folder, or report from the host that trained them.",
+              file=sys.stderr)
     out: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for exp, search, label, _r, cfg in progress(todo, desc="measure", quiet=quiet, unit="run",
                                                 leave=False):
-        out.setdefault((exp, search, label), []).append(measure_cell(cfg, proto.measure))
+        if cfg.out not in away:
+            out.setdefault((exp, search, label), []).append(measure_cell(cfg, proto.measure))
     return out
 
 

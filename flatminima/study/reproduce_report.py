@@ -109,7 +109,10 @@ def _table(exp: str, sr: Any, paper: Mapping[str, float],
            paper_measures: Mapping[str, Mapping[str, float]],
            measures: Mapping[tuple[str, str, str], list[dict[str, float]]],
            measure_keys: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    top5 = any(math.isfinite(v) for s in sr.best.values() for v in s.values.get("test_top5", []))
     header = ["method", "setting", "seeds", "test acc", "paper", "train acc", "gap"]
+    if top5:
+        header.insert(4, "test top-5")
     header += [MEASURE_NAMES[k] for k in measure_keys]
     if any(paper_measures.values()):
         header += [f"paper {MEASURE_NAMES[k]}" for k in measure_keys
@@ -123,6 +126,8 @@ def _table(exp: str, sr: Any, paper: Mapping[str, float],
                rep.fmt_pm(s.mean("test_acc"), s.std("test_acc")),
                f"{paper[label]:.2f}" if label in paper else "-",
                rep.fmt_pm(s.mean("train_acc"), s.std("train_acc")), _fmt(gap)]
+        if top5:
+            row.insert(4, _fmt(s.values.get("test_top5", [])))
         row += [_fmt([x[k] for x in m if k in x]) if m else "-" for k in measure_keys]
         if any(paper_measures.values()):
             row += [f"{paper_measures.get(label, {}).get(k):.2f}"
@@ -211,7 +216,8 @@ def write_report(out: Path, proto: Protocol, results: Mapping[str, list[Any]],
                               ""]
                 summary.setdefault(exp_label, {})[sr.search] = {
                     label: {"setting": s.setting, "seeds": s.seeds,
-                            **{k: s.values.get(k) for k in ("test_acc", "val_acc", "train_acc")},
+                            **{k: s.values.get(k)
+                               for k in ("test_acc", "test_top5", "val_acc", "train_acc")},
                             "measures": meas.get(label, []), "paper": exp.paper.get(label)}
                     for label, s in sr.best.items()}
                 summary[exp_label][sr.search + "_verdict"] = verdict
