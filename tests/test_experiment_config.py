@@ -20,6 +20,12 @@ def test_overrides_parse_yaml_scalars():
         == {"lr": 1e-3, "amp": True, "out": "x", "grad_clip": None, "milestones": [3, 6]}
 
 
+def test_the_word_none_is_a_choice_where_a_field_cannot_be_empty():
+    assert build_config(split_overrides(["augment=none", "grad_clip=none"])).augment == "none"
+    with pytest.raises(ConfigError, match="dataset='none'"):
+        build_config(split_overrides(["dataset=none"]))
+
+
 def test_yaml_then_overrides_then_routing(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("method: nrs\nhparams: {rho: 0.1}\nlr: 0.2\nmodel_args: {widths: [8]}\n")

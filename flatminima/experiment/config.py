@@ -313,6 +313,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(key, value, inner[0])
+    if value is None and hint is str:
+        # `augment=none` is read as None by the override parser; a field that cannot be empty
+        # takes it as the word, and its own choice check judges it.
+        return "none"
     if value is None:
         _fail(key, value, "must not be empty")
     if origin is dict or hint is dict:
