@@ -75,7 +75,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         except (OperationalError, IntegrityError, optuna.exceptions.StorageInternalError) as e:
             last = e
             time.sleep(0.2 * (attempt + 1))
-        except (ValueError, ImportError, sa.exc.ArgumentError) as e:
+        except ImportError:
+            hint = " (pip install 'flatminima[postgres]')" if url.startswith("postgres") else ""
+            raise ConfigError(f"storage {url!r}: its database driver is not installed{hint}"
+                              ) from None
+        except (ValueError, sa.exc.ArgumentError) as e:
             raise ConfigError(f"storage {url!r}: {' '.join(str(e).split())[:200]}") from None
     raise ConfigError(f"storage {url!r}: cannot open ({' '.join(str(last).split())[:200]})")
 
