@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,19 @@ def test_a_killed_reproduce_resumes_and_runs_only_the_missing_cells(tmp_path, mo
     # The runs finished before the kill were not trained again; only the missing ones were.
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     assert len(trained) == len(total) - len(done)
+
+
+def test_an_edited_protocol_is_run_again_not_read_from_the_study(tmp_path):
+    """The same grid point on another base (here 1 epoch instead of 2) is a new cell: the study
+    of the first run must not answer for it."""
+    args = ["reproduce", "nrs-table3", "--scale", "smoke", "--runs", str(tmp_path / "r"), "-q"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "epochs=1"]) == 0
+    epochs = {json.loads(p.read_text())["epochs"]
+              for p in (tmp_path / "r").glob("*/*/metrics.json")}
+    assert epochs == {1, 2}
+    first, second = ((tmp_path / d / "results.json").read_text() for d in "ab")
+    assert first != second
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -136,7 +136,10 @@ def make_stage(study: str, base: Mapping[str, Any], settings: Sequence[Mapping[s
     cells = expand([dict(s) for s in settings], seeds,
                    default_method=str(base.get("method", "baseline")), grid_kind="list")
     runs = runs_root / _slug(str(base.get("dataset", "data")))
-    stage = Stage(study, base, cells, runs, label_of)
+    # The study is named by the stage's resolved base too: after an edit of the protocol's
+    # settings (epochs, data, model) the same grid point is a new cell, not a stale result.
+    base_id = build_config({**base, "quiet": True, "out": str(runs / "check")}).identity()
+    stage = Stage(f"{study}@{_digest(base_id)}", base, cells, runs, label_of)
     for c in cells:
         values = {**base, **c.params, "seed": c.seed, "quiet": True}
         cfg = build_config({**values, "out": str(runs / "check")})  # validates first
@@ -191,8 +194,8 @@ class Runner:
 
     def run(self, stage: Stage) -> dict[str, CellResult]:
         worker = GridWorker(self.url, stage.study, select="val_acc", grace_s=self.grace)
-        bar = progress(total=len(stage.cells), desc=stage.study, quiet=self.quiet, unit="run",
-                       leave=False)
+        bar = progress(total=len(stage.cells), desc=stage.study.split("@")[0],
+                       quiet=self.quiet, unit="run", leave=False)
 
         def on_done(result: CellResult, here: bool) -> None:
             bar.update(1)
