@@ -35,10 +35,15 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _fmt(values: Sequence[float]) -> str:
+    """Mean ± std over seeds; one finite value is printed alone (a std of 0 would claim a
+    spread that was never measured)."""
     m, s = _mean_std(values)
     if not math.isfinite(m):
         return "n/a"
-    return rep.fmt_pm(m, s, ".2f" if abs(m) >= 0.01 else ".2e", missing="n/a")
+    spec = ".2f" if abs(m) >= 0.01 else ".2e"
+    if sum(math.isfinite(x) for x in values) == 1:
+        return format(m, spec)
+    return rep.fmt_pm(m, s, spec, missing="n/a")
 
 
 def compare_to_baseline(ours: Sequence[float], base: Sequence[float]) -> str:
@@ -123,9 +128,10 @@ def _table(exp: str, sr: Any, paper: Mapping[str, float],
                                      strict=True)]
         m = measures.get((exp, sr.search, label), [])
         row = [label, rep.describe(s.setting), len(s.seeds),
-               rep.fmt_pm(s.mean("test_acc"), s.std("test_acc")),
+               _fmt(s.values.get("test_acc", [])) if not s.diverged
+               else f"diverged ({s.diverged} of {len(s.seeds)} seeds)",
                f"{paper[label]:.2f}" if label in paper else "-",
-               rep.fmt_pm(s.mean("train_acc"), s.std("train_acc")), _fmt(gap)]
+               _fmt(s.values.get("train_acc", [])), _fmt(gap)]
         if top5:
             row.insert(4, _fmt(s.values.get("test_top5", [])))
         row += [_fmt([x[k] for x in m if k in x]) if m else "-" for k in measure_keys]
