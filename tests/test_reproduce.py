@@ -130,6 +130,34 @@ def test_a_killed_reproduce_resumes_and_runs_only_the_missing_cells(tmp_path, mo
     assert len(trained) == len(total) - len(done)
 
 
+def test_one_run_folder_is_trained_by_one_worker_at_a_time(tmp_path, monkeypatch):
+    """Two stages may plan the same run; two workers reaching it at once must not train it
+    side by side in one folder."""
+    import threading
+
+    import flatminima.experiment.sweep as sweep
+    from flatminima.experiment.config import build_config
+
+    spans: list[tuple[float, float]] = []
+
+    def slow_run(cfg):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        spans.append((t0, time.monotonic()))
+        return {"status": "ok"}
+
+    monkeypatch.setattr(sweep, "run_cell", slow_run)
+    cfg = build_config({"dataset": "digits", "model": "mlp", "out": str(tmp_path / "r" / "a")})
+    threads = [threading.Thread(target=rp._run_cell, args=(cfg,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # in turn
+
+
 def test_an_edited_protocol_is_run_again_not_read_from_the_study(tmp_path):
     """The same grid point on another base (here 1 epoch instead of 2) is a new cell: the study
     of the first run must not answer for it."""

@@ -212,9 +212,21 @@ class Runner:
 
 
 def _run_cell(cfg: Config) -> dict[str, Any]:
+    """Train (or resume) one run. Two stages may plan the same run (one folder, see
+    :func:`make_stage`) and two workers may reach it at once: an exclusive lock on the folder
+    makes the second wait and then read the finished run instead of training it beside the
+    first. (``flock`` holds between processes of one host; hosts sharing ``--runs`` over a
+    network file system may still meet in one folder, which costs time, not correctness: a
+    run resumed from a checkpoint is bitwise the run that was not.)"""
+    import fcntl
+
     from flatminima.experiment.sweep import run_cell
 
-    return run_cell(cfg)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return run_cell(cfg)
 
 
 @dataclass
