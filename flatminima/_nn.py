@@ -3,6 +3,8 @@
 * :data:`LossFn`, the loss signature ``loss_fn(outputs, targets) -> 0-d mean``;
 * :func:`model_device`, where a model's parameters live;
 * :func:`primary_output`, the tensor a model's output stands for (the first element of a tuple);
+* :class:`ModelLoss`, a loss that runs the model itself (a batch dict, the model's own loss);
+* :func:`is_fully_sharded`, whether a model is sharded with FSDP2 (``fully_shard``);
 * :func:`is_norm_layer` and :func:`frozen_norm_stats`: normalization layers, and training-mode
   forwards that normalize with batch statistics but update no running statistics;
 * :func:`filter_rows` and :func:`gaussian_like`: the per-filter view of a weight tensor and a
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -51,6 +54,80 @@ def primary_output(out: Any) -> Tensor:
         f"the model returned {type(out).__name__}; expected a tensor of outputs (logits) or a "
         "tuple whose first element is one"
     )
+
+
+class MissingOutputs:
+    """The outputs of a pass whose :class:`ModelLoss` returned only a loss: any use of them (a
+    method that reads the logits, as NRS's divergence does) is a ``ValueError`` saying so."""
+
+    def detach(self) -> MissingOutputs:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        raise ValueError(
+            "this method reads the model's outputs (logits), but the loss function returned only "
+            "a loss: make it return (loss, outputs)"
+        )
+
+
+class ModelLoss:
+    """A ``loss_fn`` that runs the model itself: ``fn(model, inputs, targets)`` returns the loss
+    (a 0-d mean) or a pair ``(loss, outputs)``.
+
+    The plain ``loss_fn(outputs, targets)`` is handed ``model(inputs)``; a ``ModelLoss`` is for
+    what that cannot say: a batch dict the model takes as keyword arguments, a loss the model
+    computes itself (Hugging Face models given ``labels``), a framework's own training-step loss.
+    Each pass calls ``fn`` with the model's parameters at ``w + v`` (``torch.func``, as for the
+    plain form), so every guarantee holds; ``targets`` may be anything (``None`` when the inputs
+    carry the labels). ``outputs`` are the logits NRS's divergence and ``StepResult.logits``
+    read (a tuple is read through its first element, as :func:`primary_output` does);
+    without them a method that needs them says so.
+
+    Example (a Hugging Face model whose batch holds the labels)::
+
+        def own_loss(model, batch, targets):
+            out = model(**batch)
+            return out.loss, out.logits
+
+        method.backward(hf_model, batch, None, ModelLoss(own_loss))
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, Any, Any], Any]) -> None:
+        if not callable(fn):
+            raise ValueError(f"ModelLoss needs a callable (model, inputs, targets), got {fn!r}")
+        self.fn = fn
+
+    def run(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[Any, Tensor]:
+        """``(outputs, loss)`` of ``fn`` on ``model``; ``MissingOutputs`` for a loss alone."""
+        out = self.fn(model, inputs, targets)
+        if isinstance(out, Tensor):
+            return MissingOutputs(), out
+        if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+            return primary_output(out[1]), out[0]
+        raise ValueError(
+            f"a ModelLoss function must return a loss tensor or (loss, outputs), got "
+            f"{type(out).__name__}"
+        )
+
+    def __call__(self, outputs: Any, targets: Any) -> Tensor:
+        raise TypeError(
+            "this method calls loss_fn(outputs, targets) itself (per-example losses), which a "
+            "ModelLoss, running the model itself, cannot answer: pass a plain loss_fn"
+        )
+
+    def __repr__(self) -> str:
+        return f"ModelLoss({self.fn!r})"
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """True when ``model`` or a submodule is sharded with FSDP2 (``fully_shard``).
+
+    Importing ``torch.distributed.fsdp`` takes about 2 s, so it is only looked up when already
+    imported (as it is wherever ``fully_shard`` was called).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    return kind is not None and any(isinstance(m, kind) for m in model.modules())
 
 
 def is_norm_layer(module: nn.Module) -> bool:

@@ -117,7 +117,8 @@ class Method:
         return {n: getattr(self, n) for n, d in self.declared.items() if d.kind == "hparam"}
 
     def state_dict(self) -> dict[str, Any]:
-        """The hyperparameters (methods keep no other state between calls)."""
+        """The hyperparameters; a method with state between calls (VaSSO's moving average,
+        ``Every``'s step count) adds it, and its ``load_state_dict`` takes it back."""
         return dict(self.hparams())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -34,6 +34,7 @@ and this module alone keeps the promises of the README, for every method:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,7 +45,10 @@ from torch.func import functional_call
 
 from flatminima._nn import (
     LossFn,
+    MissingOutputs,
+    ModelLoss,
     frozen_norm_stats,
+    is_fully_sharded,
     model_device,
     primary_output,
     tracking_norm_layers,
@@ -115,6 +119,38 @@ def forward_at(model: nn.Module, x: Any, offsets: Offsets) -> Any:
     return functional_call(model, moved, (x,), strict=False)
 
 
+class _Call(nn.Module):
+    """Holds a model so that ``functional_call`` can run any code on it, not only its forward."""
+
+    def __init__(self, model: nn.Module, fn: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self) -> Any:
+        return self._fn(self.model)
+
+
+def evaluate(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+             offsets: Offsets = None) -> tuple[Any, Tensor]:
+    """``(outputs, loss)`` of one pass at ``w + offsets``: ``loss_fn(primary_output(f(x)), y)``,
+    or what a :class:`~flatminima._nn.ModelLoss` returns, run with the moved parameters."""
+    if not isinstance(loss_fn, ModelLoss):
+        outputs = primary_output(forward_at(model, inputs, offsets))
+        return outputs, loss_fn(outputs, targets)
+    if not offsets:
+        return loss_fn.run(model, inputs, targets)
+    params = dict(model.named_parameters())
+    moved = {"model." + n: params[n] + v for n, v in offsets.items()}
+    holder = _Call(model, lambda m: loss_fn.run(m, inputs, targets))
+    return functional_call(holder, moved, (), strict=False)
+
+
+SHARDED = ("the model is sharded with FSDP2 (fully_shard), whose forward gathers its own "
+           "parameters, so a pass at perturbed weights would silently run at w: flatminima's "
+           "methods other than Baseline need an unsharded model (DistributedDataParallel)")
+
+
 class RngReplay:
     """Snapshot of the global RNGs (CPU and the model's accelerator) to replay dropout masks."""
 
@@ -146,6 +182,10 @@ class MicroBatch:
         self.clean: Pass | None = None
         self.perturbed: list[tuple[Tensor, float]] = []
         self._rng: RngReplay | None = None
+        # The clean loss of this micro-batch's first clean pass with a graph, so that
+        # ``gradient`` can tell a clean gradient (see ``Passes.record_clean_gradients``). A weak
+        # reference: holding it must not keep a graph the method has let go of.
+        self._clean_loss: weakref.ref[Tensor] | None = None
 
     @property
     def is_last(self) -> bool:
@@ -158,6 +198,7 @@ class MicroBatch:
         grad: bool = True,
         final: bool = False,
         loss_weight: float = 1.0,
+        stats: bool | None = None,
     ) -> Pass:
         """The model's outputs and loss at ``w + offsets`` (``None``: at ``w``) on this batch.
 
@@ -166,6 +207,9 @@ class MicroBatch:
         reaches ``p.grad``; on the last micro-batch it is the one DDP synchronizes on.
         ``loss_weight`` is the pass's weight in the reported perturbed loss (``0``: not
         reported). The first clean pass of a micro-batch gives its clean loss and logits.
+        ``stats`` says whether this pass updates the normalization statistics; by default only
+        a clean pass does (``stats=True`` at ``w + v``: a method whose single pass is perturbed,
+        as MSAM's, so that the statistics are still updated once per call).
         """
         step = self.step
         grad = grad and torch.is_grad_enabled()
@@ -173,23 +217,33 @@ class MicroBatch:
         if step.synced and grad:
             raise RuntimeError("a forward pass with a graph after the final one: DDP would "
                                "reduce the gradient before this pass reaches it")
-        if self._rng is None:
-            self._rng = RngReplay(step.device)
-        else:
-            self._rng.restore()
+        self._replay_rng()
+        if offsets and step.sharded:
+            raise NotImplementedError(SHARDED)
         ddp = step.model.no_sync() if step.ddp and not synced else contextlib.nullcontext()
-        stats = contextlib.nullcontext() if not offsets else frozen_norm_stats(step.norm_layers)
-        with ddp, stats, torch.set_grad_enabled(grad):
-            outputs = primary_output(forward_at(step.model, self.inputs, offsets))
-            loss = step.loss_fn(outputs, self.targets)
+        update = not offsets if stats is None else stats
+        frozen = contextlib.nullcontext() if update else frozen_norm_stats(step.norm_layers)
+        with ddp, frozen, torch.set_grad_enabled(grad):
+            outputs, loss = evaluate(step.model, self.inputs, self.targets, step.loss_fn,
+                                     offsets)
         step.synced = step.synced or (synced and grad)
         result = Pass(outputs, loss)
         if not offsets:
             if self.clean is None:
                 self.clean = Pass(outputs.detach(), loss.detach())
+            if grad and self._clean_loss is None:
+                self._clean_loss = weakref.ref(loss)
         elif loss_weight:
             self.perturbed.append((loss.detach(), float(loss_weight)))
         return result
+
+    def _replay_rng(self) -> None:
+        """Record the global RNGs before this micro-batch's first pass; replay them before any
+        later one."""
+        if self._rng is None:
+            self._rng = RngReplay(self.step.device)
+        else:
+            self._rng.restore()
 
     def backward(self, objective: Tensor) -> None:
         """Accumulate ``d/dw [weight * objective]`` into ``p.grad`` (scaled by the scaler)."""
@@ -197,21 +251,38 @@ class MicroBatch:
         scaler = self.step.scaler
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
 
-    def gradient(self, objective: Tensor, tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    def gradient(
+        self, objective: Tensor, tensors: Sequence[Tensor], *, retain_graph: bool = False
+    ) -> list[Tensor | None]:
         """``d/dt [weight * objective]`` for each of ``tensors``, unscaled, ``p.grad`` untouched.
 
         The backward runs scaled when a scaler is given (so float16 gradients do not underflow)
         and the result is divided by the scale; ``None`` where a tensor is unused.
+        ``retain_graph=True`` keeps the graph for a later :meth:`backward` of the same pass (a
+        method whose last coefficient depends on this gradient, as GSAM's does).
         """
+        if self.step.sharded:  # FSDP2's sharded parameters get their gradients from hooks
+            raise NotImplementedError(SHARDED)
         scaler = self.step.scaler
         scaled = objective * self.weight
         if scaler is not None:
             scaled = scaler.scale(scaled)
-        grads = torch.autograd.grad(scaled, list(tensors), allow_unused=True)
+        grads = torch.autograd.grad(scaled, list(tensors), allow_unused=True,
+                                    retain_graph=retain_graph)
         if scaler is None:
-            return list(grads)
-        inv = 1.0 / float(scaler.get_scale())
-        return [g * inv if g is not None else None for g in grads]
+            out = list(grads)
+        else:
+            inv = 1.0 / float(scaler.get_scale())
+            out = [g * inv if g is not None else None for g in grads]
+        record = self.step._clean_grads
+        if record is not None and self._clean_loss is not None and objective is self._clean_loss():
+            for t, g in zip(tensors, out, strict=True):
+                if g is not None:
+                    hit = record.setdefault(id(t), (t, torch.zeros_like(g), set()))
+                    if self.index not in hit[2]:
+                        hit[1].add_(g)
+                        hit[2].add(self.index)
+        return out
 
 
 class Passes:
@@ -238,7 +309,9 @@ class Passes:
         self.device = model_device(model)
         self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.norm_layers = tracking_norm_layers(model)
+        self.sharded = is_fully_sharded(model)
         self.synced = False
+        self._clean_grads: dict[int, tuple[Tensor, Tensor, set[int]]] | None = None
         self.micro_batches = [
             MicroBatch(self, m, x, y, n / total)
             for m, ((x, y), n) in enumerate(zip(micro, sizes, strict=True))
@@ -258,13 +331,59 @@ class Passes:
         """The size-weighted mean over micro-batches of one detached scalar each."""
         return weighted_sum(values, self.weights)
 
+    def record_clean_gradients(self) -> None:
+        """Keep, from now on, the clean gradients the method computes on its way (each
+        :meth:`MicroBatch.gradient` of a micro-batch's clean loss), for :meth:`clean_gradient`.
+
+        Off by default: it holds one more gradient-sized sum for the whole call.
+        """
+        self._clean_grads = {}
+
+    def clean_gradient(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The full-batch ``grad L(w)`` of ``params``, unscaled, ``p.grad`` untouched.
+
+        Where the method already computed it for every micro-batch (recorded, see
+        :meth:`record_clean_gradients`; SAM's first sweep) it costs nothing. Otherwise one more
+        pass per micro-batch at ``w`` computes the rest: its dropout masks replayed, the
+        statistics left alone, under ``no_sync`` (it reads gradients with ``autograd.grad``,
+        which DDP does not reduce), so it may run after the call's final pass. Each rank's own
+        gradient under DDP.
+        """
+        record = self._clean_grads or {}
+        every = set(range(len(self.micro_batches)))
+        out: dict[str, Tensor] = {}
+        missing: dict[str, Tensor] = {}
+        for name, p in params.items():
+            hit = record.get(id(p))
+            if hit is not None and hit[0] is p and hit[2] == every:
+                out[name] = hit[1]
+            else:
+                missing[name] = p
+        if not missing:
+            return out
+        tensors = list(missing.values())
+        sums = [torch.zeros_like(p) for p in tensors]
+        for mb in self:
+            mb._replay_rng()
+            ddp = self.model.no_sync() if self.ddp else contextlib.nullcontext()
+            with ddp, frozen_norm_stats(self.norm_layers), torch.enable_grad():
+                _, loss = evaluate(self.model, mb.inputs, mb.targets, self.loss_fn)
+            for s, g in zip(sums, mb.gradient(loss, tensors), strict=True):
+                if g is not None:
+                    s.add_(g)
+        out.update(zip(missing, sums, strict=True))
+        return out
+
     def result(self, divergence: Sequence[Tensor] | None = None) -> StepResult:
         """Gather the call's :class:`StepResult` from the passes that ran."""
         if any(mb.clean is None for mb in self):
             raise RuntimeError("every micro-batch needs a clean pass (forward at offsets None)")
         clean = [mb.clean for mb in self]
         logits = [c.outputs for c in clean]
-        out = torch.cat(logits) if len(logits) > 1 else logits[0]
+        if any(isinstance(o, MissingOutputs) for o in logits):
+            out = None  # a ModelLoss that returned the loss alone
+        else:
+            out = torch.cat(logits) if len(logits) > 1 else logits[0]
         perturbed = None
         if all(mb.perturbed for mb in self):
             per_batch = []
