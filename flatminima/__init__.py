@@ -8,16 +8,26 @@ from typing import Any
 from flatminima import methods, noise
 from flatminima.methods import (
     ASAM,
+    ESAM,
+    GAM,
+    GCSAM,
+    GSAM,
+    MSAM,
     NRS,
     NSO,
     RPR,
     RWP,
     SAM,
+    WSAM,
     AdaSmoothOut,
     Baseline,
+    Every,
+    FisherSAM,
+    FriendlySAM,
     Method,
     SmoothOut,
     StepResult,
+    VaSSO,
     create_method,
     list_methods,
 )
@@ -39,4 +49,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "noise", "methods", "Method", "StepResult", "Baseline", "RPR", "NRS", "SAM", "ASAM", "NSO",
     "SmoothOut", "AdaSmoothOut", "RWP", "create_method", "list_methods", "__version__",
+    "MSAM", "ESAM", "VaSSO", "FisherSAM", "GAM", "GSAM", "WSAM", "GCSAM", "FriendlySAM", "Every",
 ]

@@ -28,12 +28,22 @@ from flatminima.methods._registry import (
     register_method,
 )
 from flatminima.methods.baseline import Baseline
+from flatminima.methods.esam import ESAM
+from flatminima.methods.every import Every
+from flatminima.methods.fisher_sam import FisherSAM
+from flatminima.methods.friendlysam import FriendlySAM
+from flatminima.methods.gam import GAM
+from flatminima.methods.gcsam import GCSAM
+from flatminima.methods.gsam import GSAM
+from flatminima.methods.msam import MSAM
 from flatminima.methods.nrs import NRS
 from flatminima.methods.nso import NSO
 from flatminima.methods.rpr import RPR
 from flatminima.methods.rwp import RWP
 from flatminima.methods.sam import ASAM, SAM
 from flatminima.methods.smoothout import AdaSmoothOut, SmoothOut
+from flatminima.methods.vasso import VaSSO
+from flatminima.methods.wsam import WSAM
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
@@ -44,4 +54,6 @@ __all__ = [
     "weighted_gradient", "hparam", "option", "argument", "register_method", "method_class",
     "Baseline", "RPR", "NRS", "SAM", "ASAM", "NSO", "SmoothOut", "AdaSmoothOut", "RWP",
     "METHODS", "list_methods", "create_method",
+    "MSAM", "ESAM", "VaSSO", "FisherSAM", "GAM", "GSAM", "WSAM", "GCSAM", "FriendlySAM",
+    "Every",
 ]
