@@ -41,6 +41,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # the run that wrote a checkpoint and the one that resumes it.
 _PRESENTATION_FIELDS = ("out", "quiet", "tensorboard", "device", "resume", "progress_desc",
                         "threads", "eval_every")
+# Fields added after runs were saved, with their defaults: at the default they stay out of the
+# identity, so the fingerprints (and run folders) of every earlier config are unchanged.
+_LATER_FIELDS = {"method_every": 1, "method_reuse": "none", "method_reuse_alpha": 0.7,
+                 "method_start": 0.0, "method_stop": 1.0}
+REUSES = ("none", "looksam", "difference")
 
 
 class ConfigError(ValueError):
@@ -67,6 +72,11 @@ class Config:
     depend on it, only which rows of the history carry ``train_*``/``test_*`` columns, so it is
     not part of the fingerprint. ``eval_batch_size`` examples per evaluation pass (at most 128
     on a CPU, where larger batches are only slower).
+    Paying less for the method (``fm.Every``): it runs on every ``method_every``-th step, the
+    plain gradient in between, plus with ``method_reuse`` (``looksam``, ``difference``) what
+    its last run added (LookSAM's ``alpha`` is ``method_reuse_alpha``); and only from
+    ``method_start`` to ``method_stop``, fractions of the run's optimizer steps
+    (``method_start=0.7``: the last 30%), the plain gradient outside.
     """
 
     # data
@@ -89,6 +99,11 @@ class Config:
     # method
     method: str = "baseline"
     hparams: dict[str, Any] = field(default_factory=dict)
+    method_every: int = 1
+    method_reuse: str = "none"
+    method_reuse_alpha: float = 0.7
+    method_start: float = 0.0
+    method_stop: float = 1.0
     # optimization
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -133,6 +148,9 @@ class Config:
         d = self.to_dict()
         for k in _PRESENTATION_FIELDS:
             d.pop(k)
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                d.pop(k)
         return d
 
     def fingerprint(self) -> str:
@@ -188,6 +206,16 @@ def validate(cfg: Config) -> None:
     _in_range("label_noise", cfg.label_noise, 0, 1, hi_open=True)
     _in_range("val_split", cfg.val_split, 0, 1, hi_open=True)
     _in_range("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
+    _in_range("method_every", cfg.method_every, 1)
+    _choice("method_reuse", cfg.method_reuse, REUSES)
+    _in_range("method_reuse_alpha", cfg.method_reuse_alpha, 0)
+    _in_range("method_start", cfg.method_start, 0, 1, hi_open=True)
+    _in_range("method_stop", cfg.method_stop, 0, 1, lo_open=True)
+    if cfg.method_reuse != "none" and cfg.method_every == 1:
+        _fail("method_reuse", cfg.method_reuse, "reuses between runs of the method: needs "
+              "method_every > 1")
+    if cfg.method_stop <= cfg.method_start:
+        _fail("method_stop", cfg.method_stop, f"must exceed method_start={cfg.method_start}")
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
         _in_range(key, getattr(cfg, key), 1)
     if cfg.subset_per_class is not None:

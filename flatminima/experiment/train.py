@@ -226,6 +226,20 @@ def loss_function(cfg: Config) -> Any:
     return functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
 
 
+def scheduled(method: Any, cfg: Config, total_steps: int) -> Any:
+    """``method`` in ``fm.Every`` as ``method_every``/``_reuse``/``_start``/``_stop`` say (as it is
+    at their defaults). The window's fractions of the run become optimizer-step counts here, so
+    the method needs to know nothing of epochs, schedules or optimizers: it counts its calls."""
+    if cfg.method_every == 1 and cfg.method_start == 0.0 and cfg.method_stop == 1.0:
+        return method
+    from flatminima.methods import Every
+
+    start = round(cfg.method_start * total_steps)
+    stop = None if cfg.method_stop >= 1.0 else max(start + 1, round(cfg.method_stop * total_steps))
+    return Every(method, cfg.method_every, reuse=cfg.method_reuse, alpha=cfg.method_reuse_alpha,
+                 start=start, stop=stop)
+
+
 def finished_metrics(out: str | Path, cfg: Config) -> dict[str, Any] | None:
     """The final metrics of a finished run of ``cfg`` in ``out``, or None."""
     path = Path(out) / "metrics.json"
@@ -301,6 +315,10 @@ def _train(cfg: Config) -> dict[str, Any]:
     model = model.to(device)
     method = create_method(cfg.method, **cfg.hparams)
     optimizer = build_optimizer(cfg, model, data.input_shape)
+    if "optimizer" in method.declared and method.optimizer is None:
+        # A method that reads the optimizer's state (MSAM's momentum) gets the run's optimizer,
+        # which exists only now; it reads it and never steps it.
+        method.optimizer = optimizer
     probe = None
     if cfg.curvature_every > 0 and is_main:  # top Hessian eigenvalue etc. every N epochs
         from flatminima.experiment.curvature import CurvatureProbe
@@ -313,6 +331,7 @@ def _train(cfg: Config) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if use_amp and device.type == "cuda" else None
     loss_fn = loss_function(cfg)
     steps_per_epoch = len(train_loader)
+    method = scheduled(method, cfg, cfg.epochs * steps_per_epoch)
 
     # Resume from the last complete epoch of an identical config.
     start_epoch, history = 0, []
