@@ -18,6 +18,7 @@ from flatminima.experiment.config import build_config
 from flatminima.experiment.curvature import TRACE_MATVECS
 from flatminima.experiment.measure import load_run
 from flatminima.experiment.train import build_data, loss_function, train
+from tests._history import untimed
 from tests._interrupt import train_interrupted
 
 TINY = {"dataset": "digits", "model": "mlp", "model.widths": [16], "model.dropout": 0.1,
@@ -29,7 +30,7 @@ KEYS = ("hessian_top", "hessian_trace", "hessian_top_last_layer")
 
 
 def _strip(history):
-    return [{k: v for k, v in r.items() if k not in KEYS and k != "time_s"} for r in history]
+    return [untimed(r, *KEYS) for r in history]
 
 
 def _same_weights(a, b):
@@ -117,8 +118,8 @@ def test_every_n_epochs_and_after_the_last_and_resume_continues(tmp_path, monkey
     assert ckpt.load(tmp_path / "cut" / "last.pt")["epoch"] == 2
     resumed = train(cut)
     _same_weights(tmp_path / "ref", tmp_path / "cut")
-    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in ref["history"]]
-    assert [{k: v for k, v in r.items() if k != "time_s"} for r in resumed["history"]] == strip
+    strip = [untimed(r) for r in ref["history"]]
+    assert [untimed(r) for r in resumed["history"]] == strip
 
 
 def test_values_reach_tensorboard(tmp_path):

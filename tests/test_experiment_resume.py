@@ -17,6 +17,7 @@ import flatminima.methods
 from flatminima.experiment import checkpoint as ckpt
 from flatminima.experiment.config import build_config, load_config
 from flatminima.experiment.train import TrainingDiverged, train
+from tests._history import untimed
 
 TINY = ["dataset=digits", "model=mlp", "model.widths=[24]", "method=nrs", "rho=0.05",
         "val_split=0.1", "tensorboard=false"]
@@ -32,7 +33,7 @@ def _cmd(out: Path, *extra: str) -> list[str]:
 
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in csv.DictReader(f)]
+        return [untimed(r) for r in csv.DictReader(f)]
 
 
 def test_save_is_atomic_and_weights_only(tmp_path, monkeypatch):

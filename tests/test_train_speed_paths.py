@@ -20,6 +20,7 @@ from flatminima.experiment import checkpoint as ckpt
 from flatminima.experiment.config import load_config
 from flatminima.experiment.logs import RunLogger
 from flatminima.models import create_model
+from tests._history import untimed
 
 T = importlib.import_module("flatminima.experiment.train")
 
@@ -227,7 +228,7 @@ def _run(out: Path, *extra: str) -> tuple[dict, dict]:
 
 
 def _final(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("history", "out", "time_s")}
+    return untimed(m, "history", "out")
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -256,8 +257,8 @@ def test_eval_every_gives_identical_weights_and_final_metrics(tmp_path, method):
     assert has_test[2] == [(False, False, True), (False, False, True), (True, True, True)]
     assert {"test_top5", "train_top5", "val_top5"} <= set(m9) and m9["test_top5"] >= m9["test_acc"]
     for r1, r2 in zip(m1["history"], m2["history"], strict=True):  # the rows that are there
-        assert {k: v for k, v in r2.items() if k != "time_s"} == \
-            {k: r1[k] for k in r2 if k != "time_s"}
+        assert untimed(r2) == \
+            untimed({k: r1[k] for k in r2})
 
 
 def test_resume_with_eval_every_is_bitwise(tmp_path, monkeypatch):

@@ -307,7 +307,10 @@ def table(plan: Plan, best: Mapping[str, rep.SettingSummary],
              f"({plan.base.get('val_split', 0.1):g} of train held out; test set never used "
              "for selection); mean ± std over seeds")
     header = ["method", "hyperparameters", "lr", "test acc", "train acc", "gap",
-              "top Hessian eig", "model divergence"]
+              "top Hessian eig", "model divergence", "cost per step"]
+    ms = {label: step_ms(s) for label, s in best.items()}
+    base_ms = ms.get(next((k for k, v in plan.variants.items() if v["method"] == "baseline"
+                           and len(v) == 1), ""), math.nan)
     rows: list[list[Any]] = []
     for label, s in best.items():
         hp = rep.describe({k: v for k, v in s.setting.items() if k != "lr"})
@@ -321,8 +324,29 @@ def table(plan: Plan, best: Mapping[str, rep.SettingSummary],
                      rep.fmt_pm(s.mean("train_acc"), s.std("train_acc")),
                      _ms(gap) if s.diverged == 0 else "diverged",
                      _ms([x["hessian_top"] for x in m]) if m else "-",
-                     _ms([x["divergence"] for x in m], 4) if m else "-"])
+                     _ms([x["divergence"] for x in m], 4) if m else "-",
+                     _cost(ms[label], base_ms)])
     return title, header, rows
+
+
+def step_ms(s: rep.SettingSummary) -> float:
+    """Milliseconds per optimizer step of a setting's runs: the median over each run's epochs
+    (the method and the optimizer's step, no data loading or evaluation), mean over seeds;
+    NaN for runs recorded before steps were timed."""
+    per_run = [float(np.median([row["step_ms"] for row in r.metrics["history"]]))
+               for r in s.results if r.metrics.get("status") == "ok"
+               and r.metrics.get("history") and all("step_ms" in row
+                                                    for row in r.metrics["history"])]
+    return float(np.mean(per_run)) if per_run else math.nan
+
+
+def _cost(ms: float, base_ms: float) -> str:
+    """``2.01x (3.4 ms)``: the time per step against Baseline's, measured in the same runs."""
+    if not math.isfinite(ms):
+        return "-"
+    if not math.isfinite(base_ms) or base_ms <= 0:
+        return f"{ms:.2f} ms"
+    return f"{ms / base_ms:.2f}x ({ms:.2f} ms)"
 
 
 def write_report(out: Path, plan: Plan, best: Mapping[str, rep.SettingSummary],
@@ -335,7 +359,10 @@ def write_report(out: Path, plan: Plan, best: Mapping[str, rep.SettingSummary],
     with rep.atomic_dir(out) as tmp:
         note = (f"Model divergence: E_u KL(f_w || f_(w+u)), u uniform in a filter-relative ball "
                 f"of radius {DIVERGENCE_RHO}, {DIVERGENCE_SAMPLES} samples; Hessian eigenvalue "
-                f"and divergence on {measure_examples} training examples, eval mode.\n")
+                f"and divergence on {measure_examples} training examples, eval mode. Cost per "
+                "step: wall time of the method and the optimizer step (no data loading or "
+                "evaluation), median over epochs, mean over seeds, against Baseline's in the "
+                "same study; runs share the machine's cores, so read it to about 10%.\n")
         atomic_write_text(tmp / "table.md", f"{title}\n\n" + rep.markdown_table(header, rows)
                           + "\n" + note)
         atomic_write_text(tmp / "table.csv", rep.csv_text(header, rows))

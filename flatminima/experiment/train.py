@@ -373,9 +373,11 @@ def _train(cfg: Config) -> dict[str, Any]:
             model.train()
             train_loader.set_epoch(epoch)
             loss_sum, correct, count = 0.0, 0.0, 0.0
+            step_time = 0.0  # seconds in the steps themselves (method, optimizer), no data loading
             bar = progress(train_loader, total=steps_per_epoch, quiet=quiet, unit="step",
                            desc=f"{cfg.progress_desc or cfg.method} {epoch + 1}/{cfg.epochs}")
             for i, (x, y) in enumerate(bar):
+                step_start = time.perf_counter()
                 lr = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -398,6 +400,7 @@ def _train(cfg: Config) -> dict[str, Any]:
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_time += time.perf_counter() - step_start
                 loss_sum += loss * len(y)
                 count += len(y)
                 if result.logits is not None:
@@ -409,7 +412,8 @@ def _train(cfg: Config) -> dict[str, Any]:
             loss_sum, correct, count = _dist_sum([loss_sum, correct, count], device)
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
                                    "train_loss_running": loss_sum / count,
-                                   "train_acc_running": 100.0 * correct / count}
+                                   "train_acc_running": 100.0 * correct / count,
+                                   "step_ms": round(1000 * step_time / steps_per_epoch, 3)}
             net = _unwrap(model)
             # Validation after every epoch; train and test every eval_every epochs and last.
             full = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
