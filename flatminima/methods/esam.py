@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from flatminima._checks import check_nonneg, check_unit_interval
+from flatminima._nn import ModelLoss
 from flatminima.methods._base import Method, poison_grads
 from flatminima.methods._gradients import (
     all_finite,
@@ -87,6 +88,11 @@ class ESAM(Method):
     def _backward(self, step: Passes, generator: torch.Generator | None) -> StepResult:
         params = self.selected_params(step)
         beta, gamma = float(self.beta), float(self.gamma)
+        if gamma < 1.0 and isinstance(step.loss_fn, ModelLoss):
+            # Checked before any pass, so that p.grad is untouched when it is refused.
+            raise TypeError("ESAM selects examples by their own losses, loss_fn(outputs, "
+                            "targets) with per-example losses, which a ModelLoss (a framework's "
+                            "own loss, a closure) cannot give: pass a plain loss_fn, or gamma=1")
         names = list(params)
         if beta < 1.0:
             # On the generator's device (a CUDA generator cannot draw on the CPU).

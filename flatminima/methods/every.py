@@ -123,6 +123,12 @@ class Every(Method):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"Every({self.method!r}, {args})"
 
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``every(NAME)``, NAME the wrapped method's: what a checkpoint records it trained with,
+        so that a resume with another wrapped method is refused."""
+        return f"every({self.method.name})"
+
     def _validate(self) -> None:
         super()._validate()
         if self.stop is not None and self.stop <= self.start:
