@@ -25,7 +25,7 @@ from flatminima._nn import LossFn
 from flatminima._params import ParamSpec, freeze_selection, select_params
 from flatminima.methods import _hparams
 from flatminima.methods._hparams import HParam, argument, option
-from flatminima.methods._passes import Passes, StepResult
+from flatminima.methods._passes import SHARDED, Passes, StepResult
 
 NoiseFn = Callable[[dict[str, Tensor], "torch.Generator | None"], dict[str, Tensor]]
 
@@ -63,6 +63,9 @@ class Method:
     """
 
     name: ClassVar[str] = "method"
+    # Whether the method runs on a model sharded with FSDP2 (fully_shard): only one whose every
+    # pass is at w (Baseline); the others are refused at the call, see ``_passes.SHARDED``.
+    runs_sharded: ClassVar[bool] = False
     declared: ClassVar[dict[str, HParam]] = {}
 
     params = argument(None, _check_selection,
@@ -106,7 +109,10 @@ class Method:
         random perturbation.
         """
         self._validate()
-        return self._backward(Passes(model, inputs, targets, loss_fn, scaler), generator)
+        step = Passes(model, inputs, targets, loss_fn, scaler)
+        if step.sharded and not self.runs_sharded:
+            raise NotImplementedError(SHARDED)  # before any pass or draw: p.grad untouched
+        return self._backward(step, generator)
 
     @classmethod
     def config_keys(cls) -> dict[str, HParam]:

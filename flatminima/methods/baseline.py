@@ -18,5 +18,7 @@ class Baseline(Method):
         opt.step(); opt.zero_grad()
     """
 
+    runs_sharded = True  # one pass at w: FSDP2 gathers, reduces and shards as for any model
+
     def _backward(self, step: Passes, generator) -> StepResult:
         return weighted_gradient(step, lambda mb: [(1.0, None)])
