@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -130,10 +131,20 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return kind is not None and any(isinstance(m, kind) for m in model.modules())
 
 
+# Normalizations of other libraries that do not subclass PyTorch's (timm's RmsNorm, RmsNorm2d,
+# SimpleNorm, ...; Hugging Face models' T5LayerNorm, LlamaRMSNorm): known by a class name ending
+# in Norm (with a 1d/2d/3d or Fp32 suffix) on a module without submodules. A head that merely
+# contains a norm (timm's NormMlpClassifierHead) has submodules and is not one.
+_NORM_NAME = re.compile(r"Norm([123]d)?(Fp32)?$")
+
+
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for normalization layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm,
-    LocalResponseNorm)."""
-    return isinstance(module, _NORM_TYPES)
+    """True for normalization layers: PyTorch's (BatchNorm, InstanceNorm, GroupNorm, LayerNorm,
+    RMSNorm, LocalResponseNorm) and their subclasses, and another library's leaf module whose
+    class name ends in ``Norm`` (``RmsNorm``, ``LayerNorm2dFp32``, ``LlamaRMSNorm``)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    return bool(_NORM_NAME.search(type(module).__name__)) and next(module.children(), None) is None
 
 
 def norm_param_names(model: nn.Module) -> set[str]:

@@ -236,3 +236,27 @@ def test_checks_refuse_bools_and_name_the_argument():
         fv.log_volume_from_radii(torch.ones(3), True)
     with pytest.raises(ValueError, match="unknown directions 'cube'; choose one of sphere, "):
         fv.basin_radius(model, None, batch, directions="cube")
+
+
+def test_norm_layers_of_other_libraries_are_known_by_name_and_heads_are_not():
+    from flatminima._nn import is_norm_layer
+
+    class LlamaRMSNorm(nn.Module):  # Hugging Face's kind: a leaf, no PyTorch base
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    class RmsNorm2dFp32(LlamaRMSNorm):
+        pass
+
+    class NormMlpClassifierHead(nn.Module):  # contains a norm, is not one
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(4), nn.Linear(4, 2)
+
+    class Normalize(nn.Module):
+        pass
+
+    assert is_norm_layer(LlamaRMSNorm()) and is_norm_layer(RmsNorm2dFp32())
+    assert is_norm_layer(nn.BatchNorm2d(3)) and is_norm_layer(nn.LayerNorm(3))
+    assert not is_norm_layer(NormMlpClassifierHead()) and not is_norm_layer(Normalize())
