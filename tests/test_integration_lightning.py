@@ -10,6 +10,10 @@ autocast, then ``clip_grad_norm_``.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +54,7 @@ class Net(FlatMinimaModule, L.LightningModule):
         self.flat_generator = generator
         self.every = every
         self.starts: list[dict[str, torch.Tensor]] = []
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the batches trained on
 
     def forward(self, x):
         return self.net(x)
@@ -60,6 +65,7 @@ class Net(FlatMinimaModule, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self.seen.append((x.clone(), y.clone()))
         return self.flat_step(x, y)
 
     def configure_optimizers(self):
@@ -163,3 +169,17 @@ def test_flat_step_loss_has_zero_gradient_and_the_clean_value():
     loss.backward()
     assert float(loss.detach()) == 1.25
     assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", ["nrs"])
+def test_ddp_strategy_reduces_the_methods_gradient_once(name, tmp_path):
+    """Two CPU ranks under torchrun (tests/lightning_ddp_worker.py): the gradient at the step is
+    the mean over ranks of each rank's own method gradient (its batch, its perturbation)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "lightning_ddp_worker.py"), name]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 0 OK" in out and "rank 1 OK" in out, out[-4000:]
