@@ -10,6 +10,10 @@ micro-batch scaled by 1/k, then ``clip_grad_norm_``.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +161,16 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path):
                         train_dataset=dataset(), flat_method=fm.RPR())
     with pytest.raises(ValueError, match="trained with method 'sam'"):
         other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_the_trainers_ddp_reduces_the_methods_gradient_once(tmp_path):
+    """Two CPU ranks under torchrun (tests/hf_ddp_worker.py), two accumulated micro-batches: the
+    gradient at the step is the mean over ranks of each rank's own method gradient."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "hf_ddp_worker.py"), "nrs"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 0 OK" in out and "rank 1 OK" in out, out[-4000:]
