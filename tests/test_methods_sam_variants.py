@@ -27,7 +27,7 @@ from tests._method_refs import (
     tiny_mlp,
 )
 
-FAMILY = ["sam", "asam", "gsam", "wsam", "gcsam", "friendlysam"]
+FAMILY = ["sam", "asam", "gsam", "wsam", "gcsam", "friendlysam", "fisher_sam"]
 
 
 def make(name, **extra):

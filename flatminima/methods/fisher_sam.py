@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import math
 
-import torch
+from torch import Tensor, nn
 
 from flatminima._checks import check_nonneg
-from flatminima.methods._base import Method, poison_grads
-from flatminima.methods._gradients import all_finite
 from flatminima.methods._hparams import hparam
-from flatminima.methods._passes import Passes, StepResult
 from flatminima.methods._registry import register_method
-from flatminima.methods.sam import clean_gradient
+from flatminima.methods.sam import SAM
 
 
 @register_method("fisher_sam")
-class FisherSAM(Method):
+class FisherSAM(SAM):
     """``grad L(w + e)``, ``e = rho f^-1 g / sqrt(g^T f^-1 g)``, ``f = 1 + eta g^2`` (Kim et al.).
 
     Kim, Li, Hu, Hospedales, "Fisher SAM: Information Geometry and Sharpness Aware
@@ -31,8 +28,10 @@ class FisherSAM(Method):
         grad = grad L(w + e)
 
     so coordinates whose gradient is large (high information) move less. ``eta = 0`` is SAM
-    with radius ``rho`` exactly. Cost: SAM's two passes. ``rho`` is the paper's ``gamma``;
-    defaults ``rho=0.1, eta=1.0`` are the paper's CIFAR setting as we read it.
+    with radius ``rho`` exactly. It is SAM with another ascent (SAM's sweeps, overflow handling
+    and ``m=`` m-sharpness, each group's ellipsoid from its own gradient). Cost: SAM's two
+    passes. ``rho`` is the paper's ``gamma``; defaults ``rho=0.1, eta=1.0`` are the paper's CIFAR
+    setting as we read it.
 
     We found no official code release; the formula is the paper's, checked against public
     re-implementations (which agree on ``f = 1 + eta g^2`` and the ``sqrt(g^T f^-1 g)``
@@ -46,21 +45,11 @@ class FisherSAM(Method):
     rho = hparam(0.1, check_nonneg, "radius of the Fisher ellipsoid (paper's gamma), >= 0.")
     eta = hparam(1.0, check_nonneg, "weight of the squared gradient in the diagonal Fisher, >= 0.")
 
-    def _backward(self, step: Passes, generator: torch.Generator | None) -> StepResult:
-        params = self.selected_params(step)
-        g = clean_gradient(list(step), params)
-        finite = all_finite(g)
-        if finite:
-            eta = float(self.eta)
-            u = {n: t / (1.0 + eta * t * t) for n, t in g.items()}  # f^-1 g
-            quad = math.sqrt(float(sum((g[n].double() * u[n].double()).sum() for n in g)))
-            scale = float(self.rho) / (quad + 1e-12)
-            e = {n: t * scale for n, t in u.items()}
-        else:  # a non-finite ascent: the second sweep still runs (DDP), the step is skipped
-            e = {n: torch.zeros_like(p) for n, p in params.items()}
-        del g
-        for mb in step:
-            mb.backward(mb.forward(e, final=True).loss)
-        if not finite:
-            poison_grads(list(params.values()))
-        return step.result()
+    def _ascent(
+        self, params: dict[str, nn.Parameter], grads: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        eta = float(self.eta)
+        u = {n: g / (1.0 + eta * g * g) for n, g in grads.items()}  # f^-1 g
+        quad = math.sqrt(float(sum((grads[n].double() * u[n].double()).sum() for n in grads)))
+        scale = float(self.rho) / (quad + 1e-12)
+        return {n: t * scale for n, t in u.items()}
