@@ -39,3 +39,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A real one-process gloo group, so that DistributedDataParallel can be built in a test."""
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -10,10 +10,6 @@ micro-batch scaled by 1/k, then ``clip_grad_norm_``.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from flatminima.integrations import ModelLoss  # noqa: E402
 from flatminima.integrations._common import backward_scaler  # noqa: E402
 from flatminima.integrations.hf import STATE_FILE, FlatTrainer  # noqa: E402
+from tests._torchrun import two_ranks  # noqa: E402
 
 
 def tiny_bert(seed: int = 0):
@@ -166,11 +163,4 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path):
 def test_the_trainers_ddp_reduces_the_methods_gradient_once(tmp_path):
     """Two CPU ranks under torchrun (tests/hf_ddp_worker.py), two accumulated micro-batches: the
     gradient at the step is the mean over ranks of each rank's own method gradient."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "tests" / "hf_ddp_worker.py"), "nrs"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "rank 0 OK" in out and "rank 1 OK" in out, out[-4000:]
+    two_ranks("hf_ddp_worker.py", "nrs", cwd=tmp_path)

@@ -10,10 +10,6 @@ autocast, then ``clip_grad_norm_``.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +22,7 @@ L = pytest.importorskip("lightning")
 
 from flatminima.integrations._common import backward_scaler  # noqa: E402
 from flatminima.integrations.lightning import FlatMinimaModule  # noqa: E402
+from tests._torchrun import two_ranks  # noqa: E402
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -175,11 +172,4 @@ def test_flat_step_loss_has_zero_gradient_and_the_clean_value():
 def test_ddp_strategy_reduces_the_methods_gradient_once(name, tmp_path):
     """Two CPU ranks under torchrun (tests/lightning_ddp_worker.py): the gradient at the step is
     the mean over ranks of each rank's own method gradient (its batch, its perturbation)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "tests" / "lightning_ddp_worker.py"), name]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "rank 0 OK" in out and "rank 1 OK" in out, out[-4000:]
+    two_ranks("lightning_ddp_worker.py", name, cwd=tmp_path)

@@ -313,17 +313,6 @@ def assert_same(a, b):
 # ----------------------------------------------------------------------------- DDP (last: the
 # group lives until the module ends)
 
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """A one-process gloo group, so that DistributedDataParallel can be built here."""
-    import torch.distributed as dist
-
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("inner", ["sam", "nrs"])
 def test_under_ddp_reuse_synchronizes_once_and_equals_the_plain_model(inner, process_group):
     torch.manual_seed(0)

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -106,15 +105,6 @@ def test_a_forward_with_a_graph_after_the_final_one_is_refused():
     mb.forward(grad=False)  # no graph: allowed
     with pytest.raises(RuntimeError, match="after the final"):
         mb.forward()
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """A real one-process gloo group, so that DistributedDataParallel can be built here."""
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("micro", [1, 3])

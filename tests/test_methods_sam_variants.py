@@ -12,7 +12,6 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -256,15 +255,6 @@ def test_m_sharpness_with_scaler_equals_without_and_skips_on_overflow(name):
     assert scaler.get_scale() < 2.0**127
     for n, t in model.state_dict().items():
         assert torch.equal(t, before[n]), n
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """A real one-process gloo group, so that DistributedDataParallel can be built here."""
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", FAMILY)
