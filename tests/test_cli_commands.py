@@ -141,6 +141,24 @@ def test_every_example_config_is_valid(path):
         assert load_config(path).epochs >= 1
 
 
+def test_amp_dtype_picks_autocast_and_scaler_and_keeps_old_fingerprints(tmp_path, capsys):
+    import torch
+
+    from flatminima.experiment.config import Config
+    from flatminima.experiment.train import autocast_dtype
+
+    assert autocast_dtype("auto", "cuda") == torch.float16
+    assert autocast_dtype("auto", "cpu") == torch.bfloat16
+    assert autocast_dtype("bfloat16", "cuda") == torch.bfloat16
+    assert Config().fingerprint() == Config(amp_dtype="auto").fingerprint()
+    assert Config().fingerprint() != Config(amp_dtype="bfloat16").fingerprint()
+    out = tmp_path / "fp16"  # float16 autocast on the CPU, with a GradScaler as on CUDA
+    assert main(["train", *TINY, "epochs=1", "amp=true", "amp_dtype=float16", "method=nrs",
+                 "tensorboard=false", f"out={out}", "-q", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["epoch"] == 1 and metrics["train_loss"] < 10
+
+
 def test_train_with_amp_and_sam_runs_to_the_end(tmp_path, capsys):
     out = tmp_path / "amp"
     assert main(["train", *TINY, "epochs=1", "amp=true", "method=sam", "grad_clip=5",

@@ -30,6 +30,7 @@ BAD_INPUTS = [
     (["train", "momentum=1.5"], "momentum=1.5: must be < 1"),
     (["train", "label_smoothing=1"], "label_smoothing=1.0: must be < 1"),
     (["train", "amp=maybe"], "amp='maybe': must be true or false"),
+    (["train", "amp_dtype=half"], "amp_dtype='half': unknown; choose one of auto, float16"),
     (["train", "device=tpu"], "device='tpu': unknown"),
     (["train", "val_split=1.5"], "val_split=1.5: must be < 1"),
     (["train", "warmup_epochs=9", "epochs=2"], "warmup_epochs=9.0: exceeds epochs=2"),

@@ -44,7 +44,9 @@ _PRESENTATION_FIELDS = ("out", "quiet", "tensorboard", "device", "resume", "prog
 # Fields added after runs were saved, with their defaults: at the default they stay out of the
 # identity, so the fingerprints (and run folders) of every earlier config are unchanged.
 _LATER_FIELDS = {"method_every": 1, "method_reuse": "none", "method_reuse_alpha": 0.7,
-                 "method_start": 0.0, "method_stop": 1.0}
+                 "method_start": 0.0, "method_stop": 1.0, "amp_dtype": "auto"}
+# Autocast dtypes for amp=true: auto is float16 with a GradScaler on CUDA, bfloat16 elsewhere.
+AMP_DTYPES = ("auto", "float16", "bfloat16")
 REUSES = ("none", "looksam", "difference")
 
 
@@ -122,6 +124,7 @@ class Config:
     grad_clip: float | None = None
     body_lr: float | None = None
     amp: bool = False
+    amp_dtype: str = "auto"
     # curvature during training; see flatminima.experiment.curvature
     curvature_every: int = 0
     curvature_examples: int = 512
@@ -208,6 +211,7 @@ def validate(cfg: Config) -> None:
     _in_range("label_smoothing", cfg.label_smoothing, 0, 1, hi_open=True)
     _in_range("method_every", cfg.method_every, 1)
     _choice("method_reuse", cfg.method_reuse, REUSES)
+    _choice("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
     _in_range("method_reuse_alpha", cfg.method_reuse_alpha, 0)
     _in_range("method_start", cfg.method_start, 0, 1, hi_open=True)
     _in_range("method_stop", cfg.method_stop, 0, 1, lo_open=True)

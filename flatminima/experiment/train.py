@@ -226,6 +226,14 @@ def loss_function(cfg: Config) -> Any:
     return functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
 
 
+def autocast_dtype(name: str, device_type: str) -> torch.dtype:
+    """The autocast dtype of ``amp_dtype``: ``auto`` is float16 on CUDA (with a GradScaler) and
+    bfloat16 elsewhere (the CPU's autocast dtype)."""
+    if name == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
 def scheduled(method: Any, cfg: Config, total_steps: int) -> Any:
     """``method`` in ``fm.Every`` as ``method_every``/``_reuse``/``_start``/``_stop`` say (as it is
     at their defaults). The window's fractions of the run become optimizer-step counts here, so
@@ -327,8 +335,10 @@ def _train(cfg: Config) -> dict[str, Any]:
     # Each rank draws its own perturbation: a generator per rank, saved in the checkpoint.
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     use_amp = cfg.amp and device.type in ("cuda", "cpu")
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if use_amp and device.type == "cuda" else None
+    amp_dtype = autocast_dtype(cfg.amp_dtype, device.type)
+    # float16 needs loss scaling against underflow; bfloat16 has float32's range and does not.
+    scaler = (torch.amp.GradScaler(device.type)
+              if use_amp and amp_dtype == torch.float16 else None)
     loss_fn = loss_function(cfg)
     steps_per_epoch = len(train_loader)
     method = scheduled(method, cfg, cfg.epochs * steps_per_epoch)
