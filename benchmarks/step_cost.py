@@ -78,6 +78,13 @@ def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(256, 784), torch.randint(0, 10, (256,))
 
 
+def small_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The `flatminima compare` default: MNIST-1D's 40 inputs, MLP 40-256-256-10, batch 100."""
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    return model, torch.randn(100, 40), torch.randint(0, 10, (100,))
+
+
 def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
@@ -93,6 +100,13 @@ def make_method(label: str, opt: torch.optim.Optimizer) -> fm.Method:
     if "optimizer" in method.declared:  # MSAM reads the optimizer's momentum
         method.optimizer = opt
     return fm.Every(method, **WRAPPED[label]) if label in WRAPPED else method
+
+
+MODELS = {
+    "mlp": (mlp, "MLP 784-512-512-10, batch 256"),
+    "cnn": (cnn, "CNN 3x(conv-BN-ReLU-pool) 32/64/128 + linear, 3x32x32 input, batch 64"),
+    "small": (small_mlp, "the compare default's MLP 40-256-256-10, batch 100 (overhead-bound)"),
+}
 
 
 def one_step(method, model, opt, x, y, gen) -> None:
@@ -161,6 +175,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.md"))
+    ap.add_argument("--models", default="mlp,cnn",
+                    help=f"comma list of {', '.join(MODELS)} (default: mlp,cnn)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -174,11 +190,15 @@ def main() -> None:
              "A method run through `fm.Every` (`every=k`) is timed over whole periods of k "
              "steps; `1 + excess/k` is its floor, Baseline's cost plus the wrapped method's "
              "excess over Baseline (its own row) once in k steps.", "",
-             "Command: `python benchmarks/step_cost.py`", ""]
+             f"Command: `python benchmarks/step_cost.py --models {args.models}`", ""]
     results = {}
-    for name, fn, desc in [("mlp", mlp, "MLP 784-512-512-10, batch 256"),
-                           ("cnn", cnn, "CNN 3x(conv-BN-ReLU-pool) 32/64/128 + linear, "
-                                        "3x32x32 input, batch 64")]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        ap.error(f"--models: unknown model {unknown[0] if unknown else ''!r}; choose from "
+                 f"{', '.join(MODELS)}")
+    for name in names:
+        fn, desc = MODELS[name]
         rows = bench(fn, args.rounds)
         results[name] = rows
         lines += [f"## {desc}", "",

@@ -362,7 +362,9 @@ def write_report(out: Path, plan: Plan, best: Mapping[str, rep.SettingSummary],
                 f"and divergence on {measure_examples} training examples, eval mode. Cost per "
                 "step: wall time of the method and the optimizer step (no data loading or "
                 "evaluation), median over epochs, mean over seeds, against Baseline's in the "
-                "same study; runs share the machine's cores, so read it to about 10%.\n")
+                "same study. It is the runs' own wall time, so it also counts whatever else ran "
+                "on the machine beside them; `benchmarks/step_cost.py` measures the ratios "
+                "interleaved.\n")
         atomic_write_text(tmp / "table.md", f"{title}\n\n" + rep.markdown_table(header, rows)
                           + "\n" + note)
         atomic_write_text(tmp / "table.csv", rep.csv_text(header, rows))
