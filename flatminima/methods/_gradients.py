@@ -18,15 +18,22 @@ _VMAP_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
 
 
 def global_norm(tensors: Mapping[str, Tensor]) -> float:
-    """``sqrt(sum ||t||^2)`` over all tensors, accumulated in float64 (as SAM's norm is)."""
+    """``sqrt(sum ||t||^2)`` over all tensors: each tensor's norm in its own dtype (no float64
+    copy of the weights, which cost more than the rest of a cheap step), the sum across tensors
+    in float64."""
     if not tensors:
         return 0.0
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
+    norms = [torch.linalg.vector_norm(t).double() for t in tensors.values()]
+    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """``sum <a_n, b_n>`` over the names of ``a``, in float64."""
-    return float(sum((a[n].double() * b[n].double()).sum() for n in a)) if a else 0.0
+    """``sum <a_n, b_n>`` over the names of ``a``: each product in the tensors' dtype, the sum
+    across tensors in float64."""
+    if not a:
+        return 0.0
+    return float(sum(torch.vdot(a[n].reshape(-1), b[n].reshape(-1).to(a[n].dtype)).double()
+                     for n in a))
 
 
 def all_finite(tensors: Mapping[str, Tensor]) -> bool:
