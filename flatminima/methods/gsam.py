@@ -9,6 +9,7 @@ from torch import nn
 
 from flatminima._checks import check_nonneg
 from flatminima._params import select_params
+from flatminima.methods._gradients import dot, global_norm
 from flatminima.methods._hparams import hparam
 from flatminima.methods._passes import MicroBatch, Passes
 from flatminima.methods._registry import register_method
@@ -34,8 +35,10 @@ class GSAM(SAM):
     over ``params`` only), with each DDP rank's own ``g`` and ``g_p``; the ranks' results are then
     averaged once. The official code decays ``rho`` with the learning rate (``rho_t`` between
     ``rho_min`` and ``rho_max``); here ``rho`` is an attribute a schedule may set between steps
-    (``method.rho = ...``). Cost: SAM's two passes; the last perturbed pass keeps its graph until
-    the coefficient of ``g_p``, ``1 + alpha * <g, g_p> / ||g_p||^2``, is known.
+    (``method.rho = ...``). Cost: SAM's two passes. Under DDP the last perturbed pass keeps its
+    graph until the coefficient of ``g_p``, ``1 + alpha * <g, g_p> / ||g_p||^2``, is known, and
+    runs one more backward scaled by it (the one DDP reduces in); without DDP the sum is written
+    into ``p.grad`` directly.
 
     Example::
 
@@ -67,14 +70,18 @@ class GSAM(SAM):
                     gp[n] += t
         rest = {n: t.clone() for n, t in gp.items()}
         out = last.forward(e, final=True)
-        for n, t in zip(names, last.gradient(out.loss, tensors, retain_graph=True), strict=True):
+        ddp = last.step.ddp  # only DDP needs the last pass's own backward (it reduces there)
+        for n, t in zip(names, last.gradient(out.loss, tensors, retain_graph=ddp), strict=True):
             if t is not None:
                 gp[n] += t
         # The unit's mean g_p (a group's weighted sum divided by its weight), as g is.
-        inner = sum((g[n].double() * gp[n].double()).sum() for n in names) / weight
-        sq = sum((gp[n].double() ** 2).sum() for n in names) / weight**2
+        inner = dot(g, gp) / weight
+        sq = global_norm(gp) ** 2 / weight**2
         alpha = float(self.alpha)
-        a = 1.0 + alpha * float(inner) / (float(sq) + 1e-12)
+        a = 1.0 + alpha * inner / (sq + 1e-12)
+        if not ddp:  # the whole sum is known: written at once, no second backward
+            add_to_grad(last.step, params, {n: a * gp[n] - alpha * weight * g[n] for n in names})
+            return math.isfinite(a)
         add_to_grad(last.step, params, {n: a * rest[n] - alpha * weight * g[n] for n in names})
         last.backward(out.loss * a)
         return math.isfinite(a)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from flatminima._checks import check_nonneg, check_optional_positive_int
 from flatminima.methods._base import Method, poison_grads
+from flatminima.methods._gradients import global_norm
 from flatminima.methods._hparams import hparam, option
 from flatminima.methods._passes import MicroBatch, Passes, StepResult, batch_size
 from flatminima.methods._registry import register_method
@@ -141,8 +142,7 @@ class SAM(Method):
     def _ascent(
         self, params: dict[str, nn.Parameter], grads: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
-        scale = float(self.rho) / (float(norm) + 1e-12)
+        scale = float(self.rho) / (global_norm(grads) + 1e-12)
         return {n: g * scale for n, g in grads.items()}
 
     def _gradient_params(
@@ -238,6 +238,5 @@ class ASAM(SAM):
             for n, p in params.items()
         }
         tg = {n: g * t[n] if t[n] is not None else g for n, g in grads.items()}
-        norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tg.values()))
-        scale = float(self.rho) / (float(norm) + 1e-12)
+        scale = float(self.rho) / (global_norm(tg) + 1e-12)
         return {n: (v * t[n] if t[n] is not None else v) * scale for n, v in tg.items()}
