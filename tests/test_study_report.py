@@ -134,3 +134,19 @@ def test_study_figures_are_laid_out_whole_and_saved_by_the_plots_package(monkeyp
     assert {k: v for k, v in problems.items() if v} == {}
     files = {p.name for p in (tmp_path / "rep").iterdir()}
     assert files == expected | {"report.md", "results.json"}     # no temporary files left
+
+
+def test_curves_of_runs_evaluated_every_few_epochs_are_drawn():
+    """Test accuracy recorded every 10th epoch (NaN between): the line joins the recorded
+    epochs instead of vanishing between NaNs."""
+    import math
+
+    from flatminima import plots
+
+    every_tenth = [[math.nan] * 9 + [40.0 + s] for s in range(5)]
+    seeds = [sum(every_tenth, []), sum(every_tenth, [])[::-1][::-1]]
+    fig = plots.curves({"Baseline": seeds, "empty": [[math.nan] * 50]})
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 1  # the all-NaN series is left out
+    xs, ys = lines[0].get_data()
+    assert list(xs) == [10, 20, 30, 40, 50] and list(ys) == [40, 41, 42, 43, 44]

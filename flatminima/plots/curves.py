@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,11 +21,20 @@ def curves(series: Mapping[str, Sequence[Sequence[float]] | np.ndarray], *,
         arr = np.atleast_2d(np.asarray(values, dtype=float))
         if arr.size == 0:
             continue
-        mean = np.nanmean(arr, axis=0)
         xs = np.arange(1, arr.shape[1] + 1) if x is None else np.asarray(x, dtype=float)
-        (line,) = ax.plot(xs, mean, label=name, lw=1.6)
-        if arr.shape[0] > 1:
-            std = np.nanstd(arr, axis=0, ddof=1)
+        # Steps without a value (a run evaluated every few epochs) are left out, not drawn as
+        # gaps: NaN between every two points would leave no line at all.
+        keep = np.isfinite(arr).any(axis=0)
+        if not keep.any():
+            continue
+        arr, xs = arr[:, keep], xs[keep]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a step only some seeds have
+            mean = np.nanmean(arr, axis=0)
+            std = np.nanstd(arr, axis=0, ddof=1) if arr.shape[0] > 1 else None
+        (line,) = ax.plot(xs, mean, label=name, lw=1.6, marker="o" if len(xs) <= 12 else None,
+                          markersize=3)
+        if std is not None:
             ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
