@@ -156,3 +156,9 @@ def test_flat_lora_trains_the_adapters_and_refuses_params():
         FlatLoRA(params=["x"])
     with pytest.raises(ValueError, match="no LoRA layer"):
         FlatLoRA().backward(nn.Linear(4, 3).double(), x, y)
+
+
+def test_flat_lora_layers_must_be_names_or_a_predicate():
+    with pytest.raises(ValueError, match="layers must be None, a list of LoRA module names"):
+        FlatLoRA(layers="base_model.model.0")
+    FlatLoRA(layers=("a", "b"))  # a tuple of names is accepted

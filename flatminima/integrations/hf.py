@@ -134,7 +134,7 @@ class FlatTrainer(transformers.Trainer):
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
         if path is None or not os.path.isfile(path):
             return
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors, numbers and strings only
         if saved["method"] != self.flat_method.name:
             raise ValueError(f"the checkpoint was trained with method {saved['method']!r}, this "
                              f"trainer has {self.flat_method.name!r}")

@@ -110,6 +110,15 @@ def filter_gaussian(sigma: float) -> MergedNoise:
     return draw
 
 
+def _check_layers(value: Any, name: str) -> Any:
+    if value is None or callable(value):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be None, a list of LoRA module names or a predicate on the "
+                     f"name, got {value!r}")
+
+
 def _check_unused(value: Any, name: str) -> None:
     if value is not None:
         raise ValueError("FlatLoRA takes layers=, not params=: it perturbs the merged weights "
@@ -133,7 +142,7 @@ class FlatLoRA(Method):
     name = "flat_lora"
     sigma = hparam(0.05, check_nonneg, "noise scale relative to each row of W + sBA, >= 0 "
                    "(paper: 0.05, raised over training).")
-    layers = argument(None, lambda v, n: v, "the LoRA layers perturbed: None (all), module names "
+    layers = argument(None, _check_layers, "the LoRA layers perturbed: None (all), module names "
                       "or a predicate on the name.")
     noise = argument(None, lambda v, n: check_callable(v, n, optional=True),
                      "a sampler (merged weights by name, generator) -> {name: eps}; overrides "
